@@ -1,0 +1,20 @@
+"""Loading and transforming images for distillation and depth evaluation."""
+
+from .datasets import CROPS, LabeledDepthDataset, UnlabeledImageDataset
+from .images import IMAGE_EXTENSIONS, list_images, load_rgb, split_train_val
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, CropParams, EvalTransform, TrainTransform
+
+__all__ = [
+    "CROPS",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CropParams",
+    "EvalTransform",
+    "LabeledDepthDataset",
+    "TrainTransform",
+    "UnlabeledImageDataset",
+    "list_images",
+    "load_rgb",
+    "split_train_val",
+]

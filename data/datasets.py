@@ -1,0 +1,192 @@
+"""Datasets: unlabeled photos for distillation, and image + metric depth pairs for evaluation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .images import list_images, load_rgb
+from .transforms import EvalTransform, TrainTransform
+
+logger = logging.getLogger(__name__)
+
+DEPTH_EXTENSIONS = (".png", ".npy", ".npz")
+
+# Standard evaluation crops as (top, bottom, left, right) fractions of the depth map's height and
+# width. Eigen's NYU crop is rows 45:471, cols 41:601 of the 480x640 frame; the KITTI ones are the
+# fractions used by Garg et al. and Eigen et al., truncated to pixels as in the usual eval code.
+CROPS: dict[str, tuple[float, float, float, float]] = {
+    "eigen_nyu": (45 / 480, 471 / 480, 41 / 640, 601 / 640),
+    "garg_kitti": (0.40810811, 0.99189189, 0.03594771, 0.96405229),
+    "eigen_kitti": (0.3324324, 0.91351351, 0.0359477, 0.96405229),
+}
+
+# Files already reported by this process: a bad photo is hit once per epoch, but said once.
+_warned_paths: set[Path] = set()
+
+Transform = TrainTransform | EvalTransform
+
+
+class UnlabeledImageDataset(Dataset):
+    """Photos for distillation. Unreadable files give zero images with `valid=False`.
+
+    Skipping inside the dataset would change its length mid-epoch; returning a masked sample
+    keeps the default collate working and lets the trainer count and ignore bad files.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: Transform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+        self.max_side = _decode_max_side(transform)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, transform: Transform) -> UnlabeledImageDataset:
+        return cls(list_images(folder), transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        path = self.paths[index]
+        try:
+            image = load_rgb(path, self.max_side)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            _warn_once(path, error)
+            return {**_blank_views(self.transform), "valid": torch.tensor(False), "index": index}
+        return {**self.transform(image), "valid": torch.tensor(True), "index": index}
+
+
+class LabeledDepthDataset(Dataset):
+    """`root/images/<stem>.<ext>` paired with metric depth `root/depth/<stem>.(png|npy|npz)`.
+
+    Depth stays at its original resolution so metrics are computed against the real ground truth,
+    not a resampled copy; predictions are upsampled to it instead.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: EvalTransform,
+        min_depth: float = 1e-3,
+        max_depth: float = 10.0,
+        depth_scale: float = 1000.0,
+        crop: str | None = None,
+    ) -> None:
+        if crop is not None and crop not in CROPS:
+            raise ValueError(f"unknown crop {crop!r}; expected None or one of {sorted(CROPS)}")
+        if not 0 <= min_depth < max_depth:
+            raise ValueError(f"need 0 <= min_depth < max_depth, got {min_depth} and {max_depth}")
+        root = Path(root)
+        self.pairs = _pair_by_stem(root / "images", root / "depth")
+        self.transform = transform
+        self.min_depth = min_depth
+        self.max_depth = max_depth
+        self.depth_scale = depth_scale
+        self.crop = crop
+        self.max_side = _decode_max_side(transform)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image_path, depth_path = self.pairs[index]
+        depth = torch.from_numpy(load_depth(depth_path, self.depth_scale))  # (H, W) metres
+        valid_mask = torch.isfinite(depth) & (depth > self.min_depth) & (depth < self.max_depth)
+        if self.crop is not None:
+            valid_mask &= _crop_mask(*depth.shape, CROPS[self.crop])
+        return {
+            **self.transform(load_rgb(image_path, self.max_side)),
+            "depth": depth[None],  # (1, H, W)
+            "valid_mask": valid_mask[None],  # (1, H, W)
+        }
+
+
+def _decode_max_side(transform: Transform) -> int:
+    # Decoding at twice the largest input side leaves even a minimum-area random crop at about the
+    # teacher's resolution, while big JPEGs decode at 1/2 to 1/8 scale, several times faster.
+    return 2 * max(transform.teacher_size, transform.student_size)
+
+
+def load_depth(path: Path, depth_scale: float) -> np.ndarray:
+    """(H, W) float32 metres: PNG integers divided by depth_scale (1000 for mm), arrays as is."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        with Image.open(path) as image:
+            depth = np.asarray(image, dtype=np.float32) / depth_scale
+    elif suffix == ".npy":
+        depth = np.load(path)
+    else:
+        with np.load(path) as archive:
+            if "depth" in archive:
+                depth = archive["depth"]
+            elif len(archive.files) == 1:
+                depth = archive[archive.files[0]]
+            else:
+                raise ValueError(f"{path} holds arrays {archive.files} but none named 'depth'")
+    depth = np.squeeze(depth).astype(np.float32)
+    if depth.ndim != 2:
+        raise ValueError(f"depth map {path} has shape {depth.shape}; expected (H, W)")
+    return depth
+
+
+def _crop_mask(
+    height: int, width: int, fractions: tuple[float, float, float, float]
+) -> torch.Tensor:
+    top, bottom, left, right = fractions
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[int(top * height) : int(bottom * height), int(left * width) : int(right * width)] = True
+    return mask
+
+
+def _list_depth_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"depth folder {folder} does not exist")
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in DEPTH_EXTENSIONS and path.is_file()
+    )
+
+
+def _pair_by_stem(image_folder: Path, depth_folder: Path) -> list[tuple[Path, Path]]:
+    images = _by_stem(list_images(image_folder), image_folder)
+    depths = _by_stem(_list_depth_files(depth_folder), depth_folder)
+    missing_depth = sorted(images.keys() - depths.keys())
+    missing_image = sorted(depths.keys() - images.keys())
+    if missing_depth or missing_image:
+        raise ValueError(
+            f"images without depth: {missing_depth[:5]} ({len(missing_depth)} in all); "
+            f"depth without images: {missing_image[:5]} ({len(missing_image)} in all)"
+        )
+    return [(images[stem], depths[stem]) for stem in sorted(images)]
+
+
+def _by_stem(paths: list[Path], folder: Path) -> dict[str, Path]:
+    # Key on the path below the folder without its extension, so subfolders may repeat names.
+    by_stem: dict[str, Path] = {}
+    for path in paths:
+        stem = path.relative_to(folder).with_suffix("").as_posix()
+        if stem in by_stem:
+            raise ValueError(f"{by_stem[stem]} and {path} share the stem {stem!r}")
+        by_stem[stem] = path
+    return by_stem
+
+
+def _blank_views(transform: Transform) -> dict[str, torch.Tensor]:
+    return {
+        "teacher_image": torch.zeros(3, transform.teacher_size, transform.teacher_size),
+        "student_image": torch.zeros(3, transform.student_size, transform.student_size),
+    }
+
+
+def _warn_once(path: Path, error: Exception) -> None:
+    if path in _warned_paths:
+        return
+    _warned_paths.add(path)
+    logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)

@@ -1,0 +1,123 @@
+"""Turn one RGB photo into the aligned teacher and student input tensors."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Depth Anything V2's ViT uses 14-pixel patches; MobileViT downsamples by 32.
+TEACHER_MULTIPLE = 14
+STUDENT_MULTIPLE = 32
+
+
+class CropParams(NamedTuple):
+    """One draw of the geometric augmentation, shared by both views."""
+
+    box: tuple[int, int, int, int]  # (left, upper, right, lower) in source pixels, PIL's order
+    flip: bool
+
+
+class TrainTransform:
+    """One random crop + flip rendered at both input sizes; colour jitter on the student only.
+
+    Teacher and student see the same region, so their outputs stay pixel-aligned for the
+    distillation losses; only the student gets photometric noise, so it learns to match the
+    teacher's clean prediction. Randomness comes from torch's global RNG, which the DataLoader
+    seeds per worker.
+    """
+
+    def __init__(
+        self,
+        teacher_size: int,
+        student_size: int,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip_prob: float = 0.5,
+        color_jitter: float = 0.2,
+    ) -> None:
+        check_input_sizes(teacher_size, student_size)
+        self.teacher_size = teacher_size
+        self.student_size = student_size
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip_prob = hflip_prob
+        self.color_jitter = (
+            v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
+            if color_jitter > 0
+            else None
+        )
+
+    def sample_params(self, image: Image.Image) -> CropParams:
+        top, left, height, width = RandomResizedCrop.get_params(
+            image, list(self.scale), list(self.ratio)
+        )
+        flip = bool(torch.rand(()) < self.hflip_prob)
+        return CropParams(box=(left, top, left + width, top + height), flip=flip)
+
+    def apply(self, image: Image.Image, params: CropParams) -> dict[str, torch.Tensor]:
+        teacher_view = _render_view(image, self.teacher_size, params)
+        student_view = _render_view(image, self.student_size, params)
+        if self.color_jitter is not None:
+            student_view = self.color_jitter(student_view)
+        return {
+            "teacher_image": _normalize(teacher_view),
+            "student_image": _normalize(student_view),
+        }
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return self.apply(image, self.sample_params(image))
+
+
+class EvalTransform:
+    """Resize the whole image to both square sizes, without cropping.
+
+    The exported student runs at one fixed square size on whole frames, so evaluation feeds it
+    exactly that rather than a centre crop it will never see in deployment.
+    """
+
+    def __init__(self, teacher_size: int, student_size: int) -> None:
+        check_input_sizes(teacher_size, student_size)
+        self.teacher_size = teacher_size
+        self.student_size = student_size
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        whole = CropParams(box=(0, 0, image.width, image.height), flip=False)
+        return {
+            "teacher_image": _normalize(_render_view(image, self.teacher_size, whole)),
+            "student_image": _normalize(_render_view(image, self.student_size, whole)),
+        }
+
+
+def check_input_sizes(teacher_size: int, student_size: int) -> None:
+    _check_multiple("teacher_size", teacher_size, TEACHER_MULTIPLE)
+    _check_multiple("student_size", student_size, STUDENT_MULTIPLE)
+
+
+def _check_multiple(name: str, value: int, multiple: int) -> None:
+    if value > 0 and value % multiple == 0:
+        return
+    below = value // multiple * multiple
+    nearest = [str(size) for size in (below, below + multiple) if size > 0]
+    raise ValueError(
+        f"{name}={value} must be a positive multiple of {multiple}; "
+        f"nearest valid: {' or '.join(nearest)}"
+    )
+
+
+def _render_view(image: Image.Image, size: int, params: CropParams) -> Image.Image:
+    # resize(box=...) crops and resizes in one pass, without copying the crop; PIL widens the
+    # bilinear filter when shrinking, so this is antialiased.
+    view = image.resize((size, size), Image.Resampling.BILINEAR, box=params.box)
+    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else view
+
+
+def _normalize(image: Image.Image) -> torch.Tensor:
+    tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)  # (3, H, W) in [0, 1]
+    return F.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD))

@@ -1,0 +1,41 @@
+"""Tiny shared fixtures: a random tiny teacher, a small student and a few synthetic photos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher():
+    from modeling import DepthAnythingTeacher
+
+    return DepthAnythingTeacher.tiny()
+
+
+@pytest.fixture(scope="session")
+def student():
+    from modeling import StudentDepthModel
+
+    torch.manual_seed(0)
+    return StudentDepthModel(decoder_width=16, head_width=8).eval()
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """Four of the shipped sample photos, copied so a test may add bad files beside them."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted(SAMPLES.glob("*.jpg"))[:4]:
+        shutil.copy(path, folder / path.name)
+    return folder

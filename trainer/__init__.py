@@ -1,0 +1,1 @@
+"""Training orchestration: config, loop, evaluation and metrics."""

@@ -1,0 +1,132 @@
+"""Both kinds of checkpoint, written so that a crash mid-write never costs a good one.
+
+- Training state (`checkpoints/step_XXXXXXXX/`): everything `accelerator.save_state` knows
+  (model + adapters, optimizer, scheduler, grad scaler, every process's RNG, registered
+  counters), written to a hidden temporary folder and renamed into place only once complete.
+- Deploy artifact (`student_best/`, `student_last/`): the unwrapped student alone, as a
+  `from_pretrained`-loadable folder (config.json + model.safetensors), never the adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+STATES_DIR = "checkpoints"
+STATE_PREFIX = "step_"
+COMPLETE_MARKER = "COMPLETE"  # written last, inside the temporary folder, before the rename
+
+
+class CheckpointError(RuntimeError):
+    """No usable training state where one was asked for."""
+
+
+def all_finite(module: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def complete_states(run_dir: Path) -> list[Path]:
+    """Finished training states of a run, oldest first (by step, not by folder time)."""
+    root = Path(run_dir) / STATES_DIR
+    if not root.is_dir():
+        return []
+    states = [p for p in root.iterdir()
+              if p.is_dir() and p.name.startswith(STATE_PREFIX) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(states, key=lambda p: int(p.name[len(STATE_PREFIX):]))
+
+
+def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
+    """`latest` -> every complete state newest first (the caller falls back to older ones if the
+    newest turns out unreadable); otherwise the one folder given."""
+    if resume == "latest":
+        states = complete_states(run_dir)[::-1]
+        if not states:
+            raise CheckpointError(f"--resume latest: no complete training state under {Path(run_dir) / STATES_DIR}")
+        return states
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such training-state folder")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"--resume {resume}: the folder is not a complete training state "
+                              f"(no {COMPLETE_MARKER} marker: the save was interrupted)")
+    return [path]
+
+
+def load_training_state(accelerator: Accelerator, candidates: list[Path]) -> Path:
+    """Load the first candidate that reads back; say which ones were skipped and why."""
+    for path in candidates:
+        try:
+            accelerator.load_state(str(path))
+            return path
+        except Exception as error:  # a truncated or corrupted file: try the previous state
+            logger.warning("training state %s is unreadable (%s: %s); trying an older one",
+                           path, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    raise CheckpointError(f"none of the training states could be loaded: {', '.join(map(str, candidates))}")
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Optional[Path]:
+    """Collective: every process calls it. Returns the new folder, or None if the save failed
+    (the failure is logged and the previous states are untouched)."""
+    root = Path(run_dir) / STATES_DIR
+    final = root / f"{STATE_PREFIX}{step:08d}"
+    tmp = root / f".tmp_{final.name}"
+    ok = True
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+    except OSError as error:  # disk full, quota, permissions
+        logger.error("could not save the training state at step %d (%s); the previous states are kept",
+                     step, error)
+        ok = False
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return final if ok else None
+    if not ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    try:
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as error:
+        logger.error("could not finish the training state at step %d (%s)", step, error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    for old in complete_states(run_dir)[:-keep_last]:  # the newest good one is never among these
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_student(student: nn.Module, path: Path) -> bool:
+    """Main process only. Atomic like the training state; refuses non-finite weights."""
+    path = Path(path)
+    if not all_finite(student):
+        logger.error("not writing %s: the student has non-finite weights", path)
+        return False
+    tmp = path.with_name(f".tmp_{path.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        old = path.with_name(f".old_{path.name}")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        logger.error("could not write %s (%s); the previous copy is kept", path, error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True

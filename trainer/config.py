@@ -1,0 +1,313 @@
+"""The one typed configuration of a distillation run.
+
+Nested dataclasses hold the defaults; a YAML preset (``trainer/configs/*.yaml``) and dotted
+command-line overrides (``optim.lr=3e-4``) are merged on top by OmegaConf, which rejects unknown
+keys and values of the wrong type. ``validate`` then checks what types cannot express (ranges,
+choices, multiples), so every mistake is reported before a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+# Kept here rather than imported from losses/metrics so that the configuration can be parsed and
+# checked without importing torch-heavy modules; tests assert the lists agree.
+NORMALIZATIONS = ("none", "max", "median_mad", "minmax")
+ALIGN_MODES = ("none", "median", "scale_shift")
+METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "silog")
+LABELED_CROPS = ("eigen_nyu", "garg_kitti", "eigen_kitti")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TEACHER_PATCH = 14  # DINOv2 patch size: teacher inputs must be a multiple of it
+STUDENT_STRIDE = 32  # deepest MobileViT stage: student inputs must be a multiple of it
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported in one line naming the key."""
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = "data/samples"
+    val_dir: Optional[str] = None  # separate validation folder; else `val_fraction` of train_dir
+    val_fraction: float = 0.2
+    teacher_size: int = 518  # multiple of 14
+    student_size: int = 256  # multiple of 32
+    num_workers: int = 2
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    hflip_prob: float = 0.5
+    color_jitter: float = 0.2  # student view only; 0 disables
+    labeled_dir: Optional[str] = None  # images/ + depth/ with ground truth, for evaluation
+    labeled_crop: Optional[str] = None  # eigen_nyu | garg_kitti | eigen_kitti
+    labeled_min_depth: float = 1e-3
+    labeled_max_depth: float = 10.0
+    labeled_depth_scale: float = 1000.0  # 16-bit PNG units per metre
+
+
+@dataclass
+class TeacherConfig:
+    # Hub id, local directory, or "tiny" (random weights, for tests and the offline demo).
+    name: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    # Backbone layers to distil from; None means the layers the teacher's own neck reads.
+    feature_layers: Optional[list[int]] = None
+
+
+@dataclass
+class StudentConfig:
+    backbone: str = "mobilevit_xs"  # any timm model with features_only support
+    pretrained: bool = True  # ImageNet weights from the hub through timm
+    decoder_width: int = 64
+    head_width: int = 32
+
+
+@dataclass
+class LossWeights:
+    silog: float = 1.0
+    ssi: float = 0.0
+    gradient: float = 0.5
+    pixel: float = 0.0
+    feature: float = 0.1
+    attention: float = 0.0
+
+
+@dataclass
+class DistillConfig:
+    weights: LossWeights = field(default_factory=LossWeights)
+    normalization: str = "median_mad"
+    silog_lam: float = 0.85
+    gradient_scales: int = 4
+    feature_kind: str = "l1"  # l1 | cosine
+    ssi_kind: str = "l1"  # l1 | mse
+    pixel_kind: str = "mse"  # mse | l1
+    # Student encoder stages (0 = stride 4 ... 3 = stride 32) matched, in order, with the
+    # teacher's feature layers for the feature and attention terms.
+    student_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # decoder learning rate
+    encoder_lr_mult: float = 0.2  # encoder lr = lr * this (a pretrained encoder moves slower)
+    adapter_lr_mult: float = 1.0  # feature adapters lr = lr * this
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01  # cosine decays to lr * this
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8  # per process
+    save_every: int = 500  # steps between full training states
+    keep_last: int = 3  # training states kept on disk
+    mixed_precision: Optional[str] = None  # None: whatever `accelerate config` chose
+    deterministic: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    max_nonfinite_steps: int = 20  # consecutive skipped steps before giving up
+
+
+@dataclass
+class EvalConfig:
+    every: Optional[int] = None  # steps; evaluation also runs after every epoch
+    batch_size: int = 8  # per process
+    # Relative depth is compared after aligning the student to the reference (see trainer/metrics.py).
+    align: str = "scale_shift"
+    best_metric: str = "abs_rel"  # on the labeled set when there is one, else against the teacher
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 10
+    image_every: int = 200
+    num_images: int = 4
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    opset: int = 18
+    atol: float = 1e-3  # max abs difference onnxruntime vs PyTorch that still passes
+
+
+@dataclass
+class Config:
+    run_name: str = "distill"
+    output_dir: Optional[str] = None  # default runs/<run_name>
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.run_name
+
+
+def _valid_keys(obj_type: Any) -> str:
+    if obj_type is None or not dataclasses.is_dataclass(obj_type):
+        return ""
+    return ", ".join(f.name for f in dataclasses.fields(obj_type))
+
+
+def _friendly(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", "") or "?"
+    first_line = str(error).splitlines()[0]
+    if isinstance(error, ConfigKeyError):
+        valid = _valid_keys(getattr(error, "object_type", None))
+        return ConfigError(f"unknown config key '{key}' ({source}); valid keys here: {valid}")
+    return ConfigError(f"bad value for config key '{key}' ({source}): {first_line}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults < YAML file < dotted overrides, then validated."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as error:
+            raise _friendly(error, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as error:
+            raise _friendly(error, f"override '{item}'") from None
+    config = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"bad value for config key '{key}': {message}")
+
+
+def _check_choice(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _nearest_multiples(value: int, multiple: int) -> str:
+    low = max(multiple, value // multiple * multiple)
+    return f"{low} or {low + multiple}" if low != value else str(value)
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that the types cannot express."""
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    _check(d.teacher_size > 0 and d.teacher_size % TEACHER_PATCH == 0, "data.teacher_size",
+           f"{d.teacher_size} must be a positive multiple of {TEACHER_PATCH} (the teacher's patch size), "
+           f"e.g. {_nearest_multiples(d.teacher_size, TEACHER_PATCH)}")
+    _check(d.student_size > 0 and d.student_size % STUDENT_STRIDE == 0, "data.student_size",
+           f"{d.student_size} must be a positive multiple of {STUDENT_STRIDE} (the student's deepest stride), "
+           f"e.g. {_nearest_multiples(d.student_size, STUDENT_STRIDE)}")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction} must be in [0, 1)")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+           f"{d.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio",
+           f"{d.crop_ratio} must be [min, max] with 0 < min <= max")
+    _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", "must be in [0, 1]")
+    _check(0.0 <= d.color_jitter < 1.0, "data.color_jitter", "must be in [0, 1)")
+    if d.labeled_crop is not None:
+        _check_choice(d.labeled_crop, "data.labeled_crop", LABELED_CROPS)
+    _check(0 < d.labeled_min_depth < d.labeled_max_depth, "data.labeled_min_depth",
+           "must be > 0 and below data.labeled_max_depth")
+    _check(d.labeled_depth_scale > 0, "data.labeled_depth_scale", "must be > 0")
+
+    _check(bool(cfg.teacher.name), "teacher.name", "must be a hub id, a local directory or 'tiny'")
+    _check(cfg.student.decoder_width > 0 and cfg.student.head_width > 0, "student.decoder_width",
+           "decoder_width and head_width must be > 0")
+
+    ds = cfg.distill
+    _check_choice(ds.normalization, "distill.normalization", NORMALIZATIONS)
+    _check_choice(ds.feature_kind, "distill.feature_kind", ("l1", "cosine"))
+    _check_choice(ds.ssi_kind, "distill.ssi_kind", ("l1", "mse"))
+    _check_choice(ds.pixel_kind, "distill.pixel_kind", ("mse", "l1"))
+    _check(0.0 <= ds.silog_lam <= 1.0, "distill.silog_lam", "must be in [0, 1]")
+    _check(ds.gradient_scales >= 1, "distill.gradient_scales", "must be >= 1")
+    weights = dataclasses.asdict(ds.weights)
+    for name, weight in weights.items():
+        _check(weight >= 0, f"distill.weights.{name}", f"{weight} must be >= 0")
+    _check(sum(weights.values()) > 0, "distill.weights", "at least one loss weight must be > 0")
+    _check(all(0 <= s <= 3 for s in ds.student_stages) and len(ds.student_stages) > 0,
+           "distill.student_stages", f"{ds.student_stages} must be stage indices in 0..3")
+    layers = cfg.teacher.feature_layers
+    if layers is not None:
+        _check(len(layers) == len(ds.student_stages), "teacher.feature_layers",
+               f"{layers} must pair one-to-one with distill.student_stages {ds.student_stages}")
+
+    _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
+    _check(o.encoder_lr_mult >= 0 and o.adapter_lr_mult >= 0, "optim.encoder_lr_mult",
+           "lr multipliers must be >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"{o.betas} must be two values in [0, 1)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.save_every >= 1, "train.save_every", "must be >= 1")
+    _check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    if t.mixed_precision is not None:
+        _check_choice(t.mixed_precision, "train.mixed_precision", MIXED_PRECISION)
+    _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+
+    e = cfg.eval
+    _check(e.every is None or e.every >= 1, "eval.every", "must be >= 1 or null")
+    _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check_choice(e.align, "eval.align", ALIGN_MODES)
+    _check_choice(e.best_metric, "eval.best_metric", METRIC_NAMES)
+
+    _check(cfg.log.log_every >= 1, "log.log_every", "must be >= 1")
+    _check(cfg.log.image_every >= 1, "log.image_every", "must be >= 1")
+    _check(cfg.log.num_images >= 1, "log.num_images", "must be >= 1")
+    _check(cfg.export.opset >= 17, "export.opset", f"{cfg.export.opset} must be >= 17")
+    _check(cfg.export.atol > 0, "export.atol", "must be > 0")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_hparams(cfg: Config) -> dict[str, Any]:
+    """`section.key -> value` with lists and None turned into strings: TensorBoard's hparams
+    plugin accepts only int, float, str and bool."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            elif isinstance(value, (int, float, str, bool)):
+                flat[name] = value
+            else:
+                flat[name] = str(value)
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return flat
