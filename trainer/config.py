@@ -88,6 +88,11 @@ class DistillConfig:
     # Student encoder stages (0 = stride 4 ... 3 = stride 32) matched, in order, with the
     # teacher's feature layers for the feature and attention terms.
     student_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    # Folder written by `python -m trainer.cache_teacher`: depth targets are read from it instead
+    # of running the teacher. Feature/attention terms then need the live teacher ("live") or are
+    # switched off ("off").
+    teacher_cache: Optional[str] = None
+    cache_features: str = "live"
 
 
 @dataclass
@@ -245,6 +250,7 @@ def validate(cfg: Config) -> None:
     _check_choice(ds.ssi_kind, "distill.ssi_kind", ("l1", "mse"))
     _check_choice(ds.pixel_kind, "distill.pixel_kind", ("mse", "l1"))
     _check(0.0 <= ds.silog_lam <= 1.0, "distill.silog_lam", "must be in [0, 1]")
+    _check_choice(ds.cache_features, "distill.cache_features", ("live", "off"))
     _check(ds.gradient_scales >= 1, "distill.gradient_scales", "must be >= 1")
     weights = dataclasses.asdict(ds.weights)
     for name, weight in weights.items():
