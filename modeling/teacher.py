@@ -33,7 +33,8 @@ class TeacherOutput:
 
 def small_config() -> DepthAnythingConfig:
     """The Depth-Anything-V2-Small architecture (24.8 M parameters), for benchmarks and summaries."""
-    backbone = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+    # image_size=518 as in the released config: it sizes the position embeddings (37x37 + 1 tokens).
+    backbone = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
                             out_indices=[3, 6, 9, 12], reshape_hidden_states=False)
     return DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=384,
                                neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64)

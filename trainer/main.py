@@ -40,6 +40,7 @@ from trainer.distill import (DistillationModule, build_module, build_optimizer, 
                              build_teacher)
 from trainer.evaluate import evaluate, format_table
 from trainer.export import ExportError, export_student
+from trainer.faults import Fault
 from trainer.metrics import LOWER_IS_BETTER
 from trainer.visualize import comparison_grid
 
@@ -146,7 +147,8 @@ def build_datasets(cfg: Config):
     return train, val, labeled
 
 
-def train_step(module, teacher, batch: dict, accelerator: Accelerator, channels_last: bool):
+def train_step(module, teacher, batch: dict, accelerator: Accelerator, channels_last: bool,
+               poison: bool = False):
     """Forward and backward of one micro-batch -> (loss, terms, number of readable images, outputs).
 
     Unreadable photos are dropped from the batch; a batch with none left still runs (with zero
@@ -163,6 +165,8 @@ def train_step(module, teacher, batch: dict, accelerator: Accelerator, channels_
         loss, terms, student_disparity = module(student_images, teacher_out.disparity, teacher_out.features)
     if not bool(n_valid > 0):
         loss = loss * 0.0
+    if poison:  # fault injection (tests only)
+        loss = loss * float("nan")
     accelerator.backward(loss)
     outputs = (student_images, teacher_out.disparity, student_disparity.detach())
     return loss.detach(), {k: v.detach() for k, v in terms.items()}, n_valid, outputs
@@ -182,6 +186,8 @@ class Trainer:
         self.sums: dict[str, torch.Tensor] = {}  # detached running sums, reduced at log time
         self.steps_since_log, self.images_since_log, self.time_of_log = 0, 0, time.perf_counter()
         self.last_eval_step = -1
+        self.fault = Fault.from_env()
+        self.stop_agreed = False
 
     @property
     def student(self):
@@ -196,7 +202,7 @@ class Trainer:
         flags = torch.stack([n_valid.float().to(device), torch.tensor(float(n_images), device=device),
                              (~torch.isfinite(loss)).float(), torch.tensor(float(self.stop.flag), device=device)])
         n_valid_all, n_images_all, nonfinite_ranks, stop_ranks = self.accelerator.reduce(flags, "sum").tolist()
-        self.stop.flag = stop_ranks > 0  # one process interrupted -> all stop at the same step
+        self.stop_agreed = stop_ranks > 0  # one process interrupted -> all stop at the same step
         self.progress.bad_images += int(n_images_all - n_valid_all)
         grad_norm = None
         if n_valid_all > 0 and nonfinite_ranks == 0:
@@ -294,8 +300,9 @@ class Trainer:
             for batch in loader:
                 progress.batches_in_epoch += 1
                 with acc.accumulate(self.module):
+                    poison = self.fault is not None and self.fault.poison_loss(progress.step, acc.process_index)
                     loss, terms, n_valid, outputs = train_step(self.module, self.teacher, batch, acc,
-                                                               cfg.train.channels_last)
+                                                               cfg.train.channels_last, poison)
                     loss_sum, valid_sum = loss_sum + loss / accum, valid_sum + n_valid
                     n_images += len(batch["valid"])
                     if not acc.sync_gradients:
@@ -319,13 +326,15 @@ class Trainer:
                     self.log_images(outputs)
                 if cfg.eval.every and progress.step % cfg.eval.every == 0:
                     self.run_evaluation()
-                if progress.step % cfg.train.save_every == 0 or self.stop.flag:
+                if progress.step % cfg.train.save_every == 0 or self.stop_agreed:
                     self.save_state()
                 bar.update(1)
-                if self.stop.flag:
+                if self.stop_agreed:
                     acc.print(f"interrupted: resumable state saved at step {progress.step}; "
                               f"continue with --resume latest")
                     return EXIT_OK
+                if self.fault is not None:
+                    self.fault.after_step(progress.step, acc.process_index)
                 if progress.step >= self.total_steps:
                     break
             else:  # the epoch ran to its end
@@ -419,7 +428,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
     trainer = Trainer(cfg, accelerator, module, teacher, optimizer, scheduler, train_loader, val_loader,
                       labeled_loader, progress, total_steps)
     code = trainer.fit()
-    if code == EXIT_OK and not trainer.stop.flag:
+    if code == EXIT_OK and not trainer.stop_agreed:
         trainer.run_evaluation()
         trainer.save_state()
         if accelerator.is_main_process:

@@ -1,0 +1,280 @@
+"""Teacher depth maps computed once and stored, and the dataset that crops them like the photos.
+
+The teacher forward is most of a training step, yet its input is a fixed function of the photo and
+the crop. So the writer (`python -m trainer.cache_teacher`) runs it once per photo on the WHOLE
+image at `cache_size` x `cache_size`, and training crops, resizes and flips the stored map with the
+same parameters as the student's view. A cache folder holds:
+
+    shard_r{rank}_{k:05d}.safetensors  fp16 maps (1, S, S), one per distinct photo, keyed by content hash
+    index.json   {path relative to train_dir: {"hash", "shard", "height", "width"}}; "shard" is null
+                 for a file that could not be decoded (training marks it invalid anyway)
+    meta.json    what produced the maps; written last, so a folder without it is incomplete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from .datasets import _blank_views, _decode_max_side, _warn_once
+from .images import list_images, load_rgb, split_train_val
+from .transforms import EvalTransform, TrainTransform
+
+CACHE_VERSION = 1
+META_FILE, INDEX_FILE = "meta.json", "index.json"
+SHARD_GLOB = "shard_r*.safetensors"
+MAPS_PER_SHARD = 256  # ~140 MB shards at cache_size 518: few files, each cheap to map
+REBUILD = "rebuild it with `python -m trainer.cache_teacher --config <your config>`"
+
+
+class StaleCacheError(ValueError):
+    """The teacher cache does not match the run or the photos; the message says how to rebuild."""
+
+
+def train_val_paths(
+    train_dir: str | Path, val_dir: Optional[str | Path], val_fraction: float, seed: int
+) -> tuple[list[Path], list[Path]]:
+    """The photos a run trains and validates on: all of `train_dir` and `val_dir` when one is
+    given, else a seeded `val_fraction` split of `train_dir`. The cache writer and the trainer
+    both call this, so the cache covers exactly the photos training asks it for."""
+    train_paths = list_images(train_dir)
+    if val_dir is not None:
+        return train_paths, list_images(val_dir)
+    return split_train_val(train_paths, val_fraction, seed)
+
+
+def read_photo(path: Path, max_side: int) -> tuple[str, Image.Image]:
+    """-> (content hash, decoded image), from one read of the file. Raises for unreadable files."""
+    data = Path(path).read_bytes()
+    return content_hash(data), load_rgb(io.BytesIO(data), max_side)
+
+
+def content_hash(data: bytes) -> str:
+    # 64 bits of sha256: a chance collision among a million photos is ~3e-8.
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def relative_key(path: Path, train_dir: str | Path) -> str:
+    return Path(path).relative_to(train_dir).as_posix()
+
+
+class CacheSourceDataset(Dataset):
+    """The writer's input: each whole photo resized to `cache_size` x `cache_size` and normalised,
+    exactly the teacher view `TrainTransform` renders for a crop covering the whole photo."""
+
+    def __init__(self, paths: Sequence[Path], train_dir: str | Path, cache_size: int, student_size: int):
+        self.paths, self.train_dir = list(paths), Path(train_dir)
+        self.transform = EvalTransform(cache_size, student_size)
+        self.max_side = _decode_max_side(self.transform)  # the training datasets' decode size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        size = self.transform.teacher_size
+        sample = {"key": relative_key(path, self.train_dir), "hash": "", "height": 0, "width": 0}
+        try:
+            data = path.read_bytes()
+            sample["hash"] = content_hash(data)
+            image = load_rgb(io.BytesIO(data), self.max_side)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            _warn_once(path, error)
+            return {**sample, "image": torch.zeros(3, size, size), "valid": torch.tensor(False)}
+        return {**sample, "height": image.height, "width": image.width,
+                "image": self.transform(image)["teacher_image"], "valid": torch.tensor(True)}
+
+
+class ShardWriter:
+    """One process's share of a cache: fp16 maps in safetensors shards, and their index entries."""
+
+    def __init__(self, cache_dir: str | Path, rank: int, maps_per_shard: int = MAPS_PER_SHARD):
+        self.cache_dir, self.rank, self.maps_per_shard = Path(cache_dir), rank, maps_per_shard
+        self.entries: dict[str, dict] = {}  # relative path -> index entry
+        self.bytes_written = 0
+        self._pending: dict[str, torch.Tensor] = {}  # content hash -> map, for the current shard
+        self._shard_of_hash: dict[str, str] = {}  # a duplicate photo points at the first copy
+        self._num_shards = 0
+
+    @property
+    def _current_shard(self) -> str:
+        return f"shard_r{self.rank}_{self._num_shards:05d}.safetensors"
+
+    def add(self, key: str, content_hash: str, height: int, width: int, disparity: torch.Tensor) -> None:
+        """disparity: (1, S, S) for the whole photo."""
+        if content_hash not in self._shard_of_hash:
+            # A copy: safetensors refuses tensors that share storage (rows of one batch do).
+            self._pending[content_hash] = disparity.to(torch.float16).clone()
+            self._shard_of_hash[content_hash] = self._current_shard
+        self.entries[key] = {"hash": content_hash, "shard": self._shard_of_hash[content_hash],
+                             "height": height, "width": width}
+        if len(self._pending) >= self.maps_per_shard:
+            self.flush()
+
+    def skip(self, key: str, content_hash: str) -> None:
+        # Listed, so that training knows the file and marks it invalid rather than calling the
+        # cache incomplete; the hash (if the bytes were readable) tells a later fix of the file.
+        self.entries[key] = {"hash": content_hash or None, "shard": None, "height": None, "width": None}
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.cache_dir / self._current_shard
+        tmp = path.with_name(f".tmp_{path.name}")
+        save_file(self._pending, str(tmp))
+        os.replace(tmp, path)
+        self.bytes_written += path.stat().st_size
+        self._pending = {}
+        self._num_shards += 1
+
+
+def clear_cache(cache_dir: str | Path) -> None:
+    """Remove a previous cache's files (meta first, so it stops counting as complete at once);
+    other files in the folder are left alone."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name in (META_FILE, INDEX_FILE):
+        (cache_dir / name).unlink(missing_ok=True)
+    for path in [*cache_dir.glob(SHARD_GLOB), *cache_dir.glob(".tmp_*")]:
+        path.unlink()
+
+
+def write_index(cache_dir: str | Path, entries: dict[str, dict], meta: dict) -> None:
+    """Index, then meta, each through a temporary file and a rename: a crash at any point leaves
+    either the complete cache or one without meta.json, never a half-written file."""
+    for name, content in ((INDEX_FILE, entries), (META_FILE, {"version": CACHE_VERSION, **meta})):
+        path = Path(cache_dir) / name
+        tmp = path.with_name(f".tmp_{name}")
+        tmp.write_text(json.dumps(content, indent=1 if name == META_FILE else None, sort_keys=True))
+        os.replace(tmp, path)
+
+
+class TeacherCache:
+    """Read side of a cache folder. Shards are opened lazily, once per process: a handle made in
+    the main process is never used by a DataLoader worker."""
+
+    def __init__(self, cache_dir: Path, index: dict[str, dict], cache_size: int, train_dir: Path):
+        self.cache_dir, self.index, self.cache_size, self.train_dir = cache_dir, index, cache_size, train_dir
+        self._handles: dict[str, Any] = {}
+        self._pid: Optional[int] = None
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, teacher_name: str, teacher_config_hash: str, cache_size: int,
+             paths: Sequence[Path], train_dir: str | Path) -> TeacherCache:
+        """Check that the cache was made by this teacher at this size and covers `paths`."""
+        cache_dir = Path(cache_dir)
+        if not cache_dir.is_dir():
+            raise StaleCacheError(f"teacher cache {cache_dir} does not exist; build it with "
+                                  f"`python -m trainer.cache_teacher --config <your config>`")
+        if not (cache_dir / META_FILE).is_file() or not (cache_dir / INDEX_FILE).is_file():
+            raise StaleCacheError(f"teacher cache {cache_dir} is incomplete (no {META_FILE}: its writing was "
+                                  f"interrupted); {REBUILD}")
+        meta = json.loads((cache_dir / META_FILE).read_text())
+        expected = {"version": CACHE_VERSION, "teacher": teacher_name,
+                    "teacher_config_hash": teacher_config_hash, "cache_size": cache_size}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise StaleCacheError(f"teacher cache {cache_dir} has {key}={meta.get(key)!r} but this run "
+                                      f"needs {value!r}; {REBUILD}")
+        index = json.loads((cache_dir / INDEX_FILE).read_text())
+        keys = [relative_key(path, train_dir) for path in paths]
+        missing = [key for key in keys if key not in index]
+        if missing:
+            raise StaleCacheError(f"{len(missing)} of {len(keys)} training images are not in teacher cache "
+                                  f"{cache_dir} (first: {missing[0]}); {REBUILD}")
+        shards = {index[key]["shard"] for key in keys} - {None}
+        absent = sorted(shard for shard in shards if not (cache_dir / shard).is_file())
+        if absent:
+            raise StaleCacheError(f"teacher cache {cache_dir} lacks {len(absent)} shard file(s) "
+                                  f"(first: {absent[0]}); {REBUILD}")
+        return cls(cache_dir, index, cache_size, Path(train_dir))
+
+    def __getstate__(self) -> dict:
+        # Spawned DataLoader workers unpickle the cache: handles never travel, each process opens its own.
+        return {**self.__dict__, "_handles": {}, "_pid": None}
+
+    def _shard(self, name: str):
+        if self._pid != os.getpid():  # first use, or a forked worker holding its parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.cache_dir / name), framework="pt")
+        return self._handles[name]
+
+    def get(self, path: Path, content_hash: str) -> torch.Tensor:
+        """-> (1, cache_size, cache_size) float32 teacher disparity of the whole photo."""
+        key = relative_key(path, self.train_dir)
+        entry = self.index[key]
+        if entry["hash"] != content_hash or entry["shard"] is None:
+            raise StaleCacheError(f"{path} changed since the teacher cache {self.cache_dir} was written; {REBUILD}")
+        return self._shard(entry["shard"]).get_tensor(content_hash).float()
+
+
+class CachedTeacherDataset(Dataset):
+    """Like `UnlabeledImageDataset`, with the teacher's disparity read from a cache instead of
+    computed: one crop + flip is drawn and applied to the photo and to the cached map alike.
+
+    Returns {"student_image": (3, s, s), "teacher_disparity": (1, s, s) float32, "valid", "index"},
+    plus "teacher_image": (3, t, t) when `with_teacher_image` (feature terms still need the live
+    teacher). Unreadable files give zeros with valid=False, as in `UnlabeledImageDataset`.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: TrainTransform, cache: TeacherCache,
+                 with_teacher_image: bool) -> None:
+        self.paths = list(paths)
+        self.transform, self.cache, self.with_teacher_image = transform, cache, with_teacher_image
+        self.max_side = _decode_max_side(transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        path, size = self.paths[index], self.transform.student_size
+        try:
+            photo_hash, image = read_photo(path, self.max_side)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            _warn_once(path, error)
+            sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
+            return self._select({**sample, "valid": torch.tensor(False), "index": index})
+        params = self.transform.sample_params(image)
+        views = self.transform.apply(image, params)
+        left, upper, right, lower = params.box
+        fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
+        disparity = crop_map(self.cache.get(path, photo_hash), fractions, size, params.flip)
+        return self._select({**views, "teacher_disparity": disparity, "valid": torch.tensor(True), "index": index})
+
+    def _select(self, sample: dict) -> dict:
+        if not self.with_teacher_image:
+            del sample["teacher_image"]
+        return sample
+
+
+def crop_map(disparity: torch.Tensor, fractions: tuple[float, float, float, float], size: int,
+             flip: bool) -> torch.Tensor:
+    """(1, H, W) map of a whole photo -> (1, size, size) map of the region `fractions` (left,
+    upper, right, lower, as fractions of the photo), bilinear, then mirrored if `flip`.
+
+    Output pixel centres are placed in the region as the views' resize places them, and sampled
+    with align_corners=False and border clamping: for the whole photo this is exactly
+    F.interpolate(bilinear), the live teacher's resize to the student size.
+    """
+    left, upper, right, lower = fractions
+    steps = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    xs = (left + (right - left) * steps) * 2 - 1  # grid_sample's [-1, 1] spans the whole map
+    ys = (upper + (lower - upper) * steps) * 2 - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([grid_x, grid_y], dim=-1)[None]  # (1, size, size, 2) as (x, y)
+    cropped = F.grid_sample(disparity[None], grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)[0]  # (1, size, size)
+    return cropped.flip(-1) if flip else cropped

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Thin wrapper over `accelerate launch trainer/main.py`.
+#
+#   ./launch.sh                                    # the offline demo on the CPU
+#   ./launch.sh --config trainer/configs/dav2_small_mobilevit_xs.yaml data.train_dir=photos/
+#   ACCELERATE_CONFIG=multi_gpu ./launch.sh --config ... [--resume latest] [section.key=value ...]
+#   ./launch.sh --accelerate-config cpu_2proc --config trainer/configs/demo.yaml
+#
+# ACCELERATE_CONFIG (or --accelerate-config) names a file in accelerate_configs/ (default: cpu
+# when no GPU is visible, single_gpu otherwise). Everything else goes to trainer/main.py.
+# Multi-node: set MACHINE_RANK and MAIN_PROCESS_IP on every node.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here"
+
+if [[ "${1:-}" == "--accelerate-config" ]]; then
+    ACCELERATE_CONFIG="$2"
+    shift 2
+fi
+if [[ -z "${ACCELERATE_CONFIG:-}" ]]; then
+    if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        ACCELERATE_CONFIG=single_gpu
+    else
+        ACCELERATE_CONFIG=cpu
+    fi
+fi
+config_file="accelerate_configs/${ACCELERATE_CONFIG%.yaml}.yaml"
+if [[ ! -f "$config_file" ]]; then
+    echo "error: no accelerate config '$config_file'; choose one of: $(ls accelerate_configs | sed 's/.yaml//' | tr '\n' ' ')" >&2
+    exit 2
+fi
+if [[ "$ACCELERATE_CONFIG" == cpu* ]]; then
+    export ACCELERATE_USE_CPU=true  # needed for a real multi-process gloo run without GPUs
+fi
+if [[ $# -eq 0 ]]; then
+    set -- --config trainer/configs/demo.yaml --overwrite
+fi
+extra=()
+[[ -n "${MACHINE_RANK:-}" ]] && extra+=(--machine_rank "$MACHINE_RANK")
+[[ -n "${MAIN_PROCESS_IP:-}" ]] && extra+=(--main_process_ip "$MAIN_PROCESS_IP")
+exec accelerate launch --config_file "$config_file" "${extra[@]}" trainer/main.py "$@"

@@ -1,0 +1,230 @@
+"""modeling/: the frozen teacher's single pass, the student and its decoder, save/load round trips,
+load errors that say what to do, and the parameter summary."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+from modeling import (DepthAnythingTeacher, MiniDPT, StudentDepthModel, StudentLoadError, TeacherLoadError,
+                      TeacherOutput)
+
+
+@pytest.fixture(scope="module")
+def teacher_images() -> torch.Tensor:
+    return torch.randn(2, 3, 56, 84, generator=torch.Generator().manual_seed(0))  # a 4 x 6 patch grid
+
+
+@pytest.fixture(scope="module")
+def student_images() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def student_out(student, student_images) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass shared by the tests below: a student forward is the slow part here."""
+    with torch.no_grad():
+        return student(student_images, return_features=True)
+
+
+# --- teacher -------------------------------------------------------------------------------------
+
+def test_teacher_output_shapes(tiny_teacher, teacher_images):
+    out = tiny_teacher(teacher_images)
+    assert isinstance(out, TeacherOutput)
+    assert out.disparity.shape == (2, 1, 56, 84)
+    assert out.disparity.dtype == torch.float32
+    assert (out.disparity >= 0).all()
+    assert tiny_teacher.feature_layers == [1, 2, 3, 4]  # the neck's out_indices by default
+    assert tiny_teacher.feature_channels == [32] * 4
+    assert [tuple(f.shape) for f in out.features] == [(2, 32, 4, 6)] * 4
+
+
+def test_teacher_output_size_resizes_disparity(tiny_teacher, teacher_images):
+    full = tiny_teacher(teacher_images).disparity
+    small = tiny_teacher(teacher_images, output_size=(32, 48)).disparity
+    assert small.shape == (2, 1, 32, 48)
+    expected = F.interpolate(full, size=(32, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(small, expected)
+
+
+def test_teacher_features_are_layernormed_tokens_in_row_major_order(tiny_teacher, teacher_images):
+    out = tiny_teacher(teacher_images)
+    with torch.no_grad():
+        token_maps = tiny_teacher.model.backbone(teacher_images).feature_maps  # each (B, 1 + 24, C)
+    assert len(token_maps) == 4 and token_maps[0].shape == (2, 25, 32)
+    for k, feature in enumerate(out.features):
+        for i in range(4):
+            for j in range(6):
+                assert torch.equal(feature[:, :, i, j], token_maps[k][:, 1 + i * 6 + j]), (k, i, j)
+
+
+def test_teacher_disparity_matches_hf_forward(tiny_teacher, teacher_images):
+    with torch.no_grad():
+        expected = tiny_teacher.model(pixel_values=teacher_images).predicted_depth.unsqueeze(1)
+    torch.testing.assert_close(tiny_teacher(teacher_images).disparity, expected, rtol=0, atol=1e-6)
+
+
+def test_teacher_feature_layer_selection(tiny_teacher, teacher_images):
+    picked = DepthAnythingTeacher(tiny_teacher.model, feature_layers=[2, 4])
+    assert picked.feature_layers == [2, 4]
+    assert picked.feature_channels == [32, 32]
+    every = tiny_teacher(teacher_images).features
+    chosen = picked(teacher_images).features
+    assert len(chosen) == 2
+    assert torch.equal(chosen[0], every[1]) and torch.equal(chosen[1], every[3])
+    with pytest.raises(ValueError, match=re.escape("[1, 2, 3, 4]")):
+        DepthAnythingTeacher(tiny_teacher.model, feature_layers=[5])
+
+
+def test_teacher_rejects_size_off_the_patch_grid(tiny_teacher):
+    with pytest.raises(ValueError, match="14"):
+        tiny_teacher(torch.zeros(1, 3, 50, 84))
+
+
+def test_teacher_is_frozen(tiny_teacher):
+    assert all(not p.requires_grad for p in tiny_teacher.parameters())
+    tiny_teacher.train()
+    assert all(not m.training for m in tiny_teacher.modules())
+
+
+def test_optimizer_holds_student_and_adapters_but_no_teacher(tiny_teacher, student):
+    from trainer.config import load_config
+    from trainer.distill import build_module, build_optimizer
+
+    cfg = load_config(REPO / "trainer" / "configs" / "demo.yaml")
+    module = build_module(cfg, student, tiny_teacher)
+    optimizer = build_optimizer(cfg, module)
+    in_groups = {id(p): group["name"] for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in in_groups for p in tiny_teacher.parameters())
+    adapter_params = list(module.criterion.parameters())
+    assert adapter_params  # demo.yaml weighs the feature term, which owns the adapters
+    assert {in_groups[id(p)] for p in adapter_params} <= {"adapters", "adapters_no_decay"}
+    assert all(in_groups[id(p)].startswith("encoder") for p in student.encoder.parameters())
+    assert all(in_groups[id(p)].startswith("decoder") for p in student.decoder.parameters())
+    assert {g["name"] for g in optimizer.param_groups} >= {"encoder", "decoder", "adapters"}
+
+
+def test_teacher_save_load_round_trip(tiny_teacher, teacher_images, tmp_path):
+    tiny_teacher.save_pretrained(tmp_path / "teacher")
+    loaded = DepthAnythingTeacher.from_pretrained(str(tmp_path / "teacher"))
+    expected, got = tiny_teacher(teacher_images), loaded(teacher_images)
+    assert torch.equal(got.disparity, expected.disparity)
+    for a, b in zip(got.features, expected.features, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_teacher_missing_local_dir():
+    with pytest.raises(TeacherLoadError, match="does not exist"):
+        DepthAnythingTeacher.from_pretrained("./no/such/dir")
+
+
+def test_teacher_hub_id_offline_fails_fast_with_a_fix(tiny_teacher):
+    start = time.perf_counter()
+    with pytest.raises(TeacherLoadError) as caught:
+        DepthAnythingTeacher.from_pretrained("depth-anything/Depth-Anything-V2-Small-hf")
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "\n" not in message
+    for hint in ("local directory", "HF_HUB_OFFLINE", "demo.yaml"):
+        assert hint in message
+
+
+# --- student -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(64, 96), (96, 64), (128, 160)])
+def test_student_output_matches_input_size(student, size):
+    images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        disparity = student(images)
+    assert disparity.shape == (1, 1, *size)
+    assert (disparity >= 0).all()
+
+
+def test_student_features(student, student_out):
+    assert student.feature_channels == [48, 64, 80, 384]
+    disparity, features = student_out
+    assert disparity.shape == (2, 1, 64, 96)
+    assert [tuple(f.shape) for f in features] == [(2, c, 64 // s, 96 // s)
+                                                  for c, s in zip([48, 64, 80, 384], [4, 8, 16, 32])]
+
+
+def test_default_student_is_phone_sized():
+    params = sum(p.numel() for p in StudentDepthModel().parameters())
+    print(f"default student: {params / 1e6:.3f} M parameters")
+    assert params < 4_000_000
+
+
+def test_student_save_load_round_trip(student, student_images, student_out, tmp_path):
+    folder = tmp_path / "student"
+    student.save_pretrained(folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config == {"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8}
+    loaded = StudentDepthModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(student_images), student_out[0])
+
+
+def test_student_unknown_backbone():
+    with pytest.raises(StudentLoadError, match="mobilevit_zz"):
+        StudentDepthModel(backbone="mobilevit_zz")
+
+
+def test_student_pretrained_offline_says_how_to_go_on():
+    try:
+        StudentDepthModel.build(decoder_width=16, head_width=8, pretrained=True)
+    except StudentLoadError as error:
+        assert "student.pretrained=false" in str(error)
+    else:
+        pytest.skip("timm found mobilevit_xs weights in the local cache, so nothing failed offline")
+
+
+def test_student_other_backbone():
+    torch.manual_seed(0)
+    model = StudentDepthModel(backbone="mobilevitv2_050", decoder_width=16, head_width=8).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        disparity, features = model(images, return_features=True)
+    assert disparity.shape == (1, 1, 64, 64)
+    assert model.feature_channels == [f.shape[1] for f in features] == [64, 128, 192, 256]
+
+
+def test_student_channels_last_input(student, student_images, student_out):
+    with torch.no_grad():
+        got = student(student_images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, student_out[0], rtol=0, atol=1e-5)
+
+
+# --- decoder -------------------------------------------------------------------------------------
+
+def test_minidpt_decodes_four_stages_to_input_size():
+    channels = [8, 16, 24, 32]
+    decoder = MiniDPT(channels, width=16, head_width=8)
+    features = [torch.randn(2, c, 64 // s, 96 // s) for c, s in zip(channels, [4, 8, 16, 32])]
+    disparity = decoder(features)
+    assert disparity.shape == (2, 1, 64, 96)
+    assert (disparity >= 0).all()
+
+
+def test_minidpt_needs_four_stages():
+    with pytest.raises(ValueError, match="4 encoder stages, got 3"):
+        MiniDPT([8, 16, 24])
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+def test_summary_counts(capsys):
+    from modeling.summary import main
+
+    main([])
+    lines = dict(re.findall(r"^(\w[^\n]*?)\s{2,}([\d.]+) M$", capsys.readouterr().out, re.M))
+    assert float(lines["teacher (Depth-Anything-V2-Small)"]) == pytest.approx(24.785, abs=0.01)
+    assert float(lines["student (mobilevit_xs + MiniDPT w64)"]) < 4

@@ -1,0 +1,238 @@
+"""The trainer run for real, as users run it: `trainer/main.py` and `accelerate launch`, on tiny
+models and images, in subprocesses (each run owns its process-wide Accelerate state)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEMO = str(REPO / "trainer" / "configs" / "demo.yaml")
+# Small enough for seconds per run on 2 cores, big enough for every stage of the student.
+TINY = ["data.teacher_size=70", "data.student_size=64", "train.batch_size=2", "data.num_workers=0",
+        "eval.batch_size=2", "log.log_every=1", "log.image_every=2", "train.deterministic=true"]
+
+
+def run_trainer(args: list[str], launcher: str = "python", fault: str | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("DEPTH_DISTILL_FAULT", None)
+    if fault:
+        env["DEPTH_DISTILL_FAULT"] = fault
+    if launcher == "python":
+        command = [sys.executable, "trainer/main.py"]
+    else:  # an accelerate config name: the real launcher, as a user runs it
+        env["ACCELERATE_USE_CPU"] = "true"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   f"accelerate_configs/{launcher}.yaml", "trainer/main.py"]
+    result = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def tiny_run_args(output_dir: Path, photos: Path, *extra: str) -> list[str]:
+    return ["--config", DEMO, f"output_dir={output_dir}", f"data.train_dir={photos}", *TINY, *extra]
+
+
+def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0, "images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            events.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+        for tag in accumulator.Tags()["images"]:
+            events.setdefault(tag, []).extend((e.step, 0.0) for e in accumulator.Images(tag))
+    return events
+
+
+def test_end_to_end_run(tmp_path, photo_dir):
+    run_dir = tmp_path / "run"
+    run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=2", "eval.every=2"))
+
+    assert (run_dir / "config.yaml").is_file()
+    for name in ("student_best", "student_last"):
+        assert {"config.json", "model.safetensors"} <= {p.name for p in (run_dir / name).iterdir()}
+    states = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert states == ["step_00000002", "step_00000004"]
+
+    events = scalar_events(run_dir)
+    for tag in ("train/loss", "train/silog", "train/gradient_weighted", "train/feature", "train/grad_norm",
+                "train/images_per_s", "lr/decoder", "lr/encoder", "lr/adapters", "val_teacher/abs_rel",
+                "val_teacher/delta1", "samples/input_teacher_student_error"):
+        assert tag in events, f"missing TensorBoard tag {tag}; have {sorted(events)}"
+    assert [step for step, _ in events["train/loss"]] == [1, 2, 3, 4]
+
+    report = json.loads((run_dir / "student.onnx.json").read_text())
+    assert report["max_abs_diff_vs_pytorch"] < 1e-4
+    assert report["export_size"] == [64, 64] and report["dynamic_batch"]
+
+    # The exported file and the from_pretrained student give the same depth.
+    import onnxruntime as ort
+
+    from modeling import StudentDepthModel
+
+    student = StudentDepthModel.from_pretrained(str(run_dir / "student_best")).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = student(images).numpy()
+    session = ort.InferenceSession(str(run_dir / "student.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": images.numpy()})[0], expected, atol=1e-4)
+    # The deploy artifact is the student alone: no adapter weights in it.
+    assert not any("criterion" in key or "adapter" in key
+                   for key in load_file(run_dir / "student_best" / "model.safetensors"))
+
+
+def test_refuses_a_folder_holding_another_run(tmp_path, photo_dir, capsys):
+    from trainer.main import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("run_name: other\n")
+    assert main(tiny_run_args(run_dir, photo_dir)) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and "--resume latest" in error and "--overwrite" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_resume_without_a_state_is_a_clear_error(tmp_path, photo_dir, capsys):
+    from trainer.main import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("run_name: x\n")
+    assert main(tiny_run_args(run_dir, photo_dir) + ["--resume", "latest"]) == 1
+    assert "no complete training state" in capsys.readouterr().err
+
+
+def final_student(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "student_last" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: 10 steps (3 photos for training at batch 2 -> 2 steps an epoch, so the run
+    crosses several epochs and the kills below land mid-epoch)."""
+    root = tmp_path_factory.mktemp("reference")
+    photos = root / "photos"
+    photos.mkdir()
+    for path in sorted((REPO / "data" / "samples").glob("*.jpg"))[:4]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    run_dir = root / "run"
+    run_trainer(tiny_run_args(run_dir, photos, "train.max_steps=10", "train.save_every=3"))
+    return photos, run_dir
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    photos, reference = uninterrupted
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, photos, "train.max_steps=10", "train.save_every=3")
+    killed = run_trainer(args, launcher="cpu", fault="sigkill@5", check=False)
+    assert killed.returncode != 0
+    assert not (run_dir / "student_last").exists()
+    # Step 5 had passed; the last complete state is step 3: mid-epoch (batch 1 of 2 of epoch 1).
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
+    resumed = run_trainer(args + ["--resume", "latest"], launcher="cpu")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_weights(final_student(run_dir), final_student(reference))
+    # TensorBoard continues at the right step: the resumed part logs steps 7..10 once more, with
+    # the same losses as the uninterrupted run.
+    reference_loss = dict(scalar_events(reference)["train/loss"])
+    resumed_loss = scalar_events(run_dir)["train/loss"]
+    assert max(step for step, _ in resumed_loss) == 10
+    for step, value in resumed_loss:
+        assert value == pytest.approx(reference_loss[step], rel=1e-6), step
+
+
+def test_corrupted_newest_state_falls_back_to_the_previous_one(tmp_path, uninterrupted):
+    photos, reference = uninterrupted
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, photos, "train.max_steps=10", "train.save_every=3")
+    run_trainer(args, fault="sigkill@7", check=False)
+    newest = run_dir / "checkpoints" / "step_00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    (run_dir / "checkpoints" / ".tmp_step_00000009").mkdir()  # an interrupted save: ignored
+    resumed = run_trainer(args + ["--resume", "latest"])
+    assert "unreadable" in resumed.stderr and "step_00000003" in resumed.stdout + resumed.stderr
+    assert_same_weights(final_student(run_dir), final_student(reference))
+
+
+def test_sigterm_saves_a_resumable_state(tmp_path, uninterrupted):
+    photos, reference = uninterrupted
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, photos, "train.max_steps=10", "train.save_every=100")
+    stopped = run_trainer(args, fault="sigterm@4")
+    assert "interrupted" in stopped.stdout + stopped.stderr
+    # The signal lands after step 4; every process agrees on it at step 5, which is saved.
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000005"]
+    run_trainer(args + ["--resume", "latest"])
+    assert_same_weights(final_student(run_dir), final_student(reference))
+
+
+def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
+    run_dir = tmp_path / "run"
+    result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",
+                                       "data.val_fraction=0"), launcher="cpu_2proc", fault="nan@1:1")
+    output = result.stdout + result.stderr
+    assert output.count("non-finite loss or gradients, step skipped") == 1  # said once, by rank 0
+    events = scalar_events(run_dir)
+    assert dict(events["train/nonfinite_steps"])[4] == 1
+    assert all(np.isfinite(v) for _, v in events["train/grad_norm"])
+    weights = load_file(run_dir / "student_last" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_persistent_nan_stops_with_a_clear_error(tmp_path, photo_dir):
+    run_dir = tmp_path / "run"
+    result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=10", "train.max_nonfinite_steps=3",
+                                       "train.save_every=1"), fault="nan@*", check=False)
+    assert result.returncode == 2
+    assert "3 steps in a row had a non-finite loss" in result.stdout + result.stderr
+    assert not (run_dir / "student.onnx").exists()
+    # Skipped steps leave the weights as they were: what was saved is finite and loadable.
+    for state in (run_dir / "checkpoints").iterdir():
+        assert all(torch.isfinite(t).all() for t in load_file(state / "model.safetensors").values())
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
+    """5 photos on 2 processes at batch 2: shards are uneven and Accelerate pads the last batch;
+    gather_for_metrics must drop the padding so no photo is counted twice."""
+    from modeling import StudentDepthModel
+    from trainer.config import load_config, to_yaml
+
+    (photo_dir / "extra.jpg").write_bytes(sorted((REPO / "data" / "samples").glob("*.jpg"))[5].read_bytes())
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "run" / "student_best"
+    StudentDepthModel(decoder_width=16, head_width=8).save_pretrained(checkpoint)
+    cfg = load_config(DEMO, ["data.teacher_size=70", "data.student_size=64", "data.num_workers=0"])
+    (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
+    results = {}
+    for launcher in ("cpu", "cpu_2proc"):
+        out = tmp_path / f"{launcher}.json"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        f"accelerate_configs/{launcher}.yaml", "-m", "trainer.evaluate", "--checkpoint",
+                        str(checkpoint), "--data", str(photo_dir), "--batch-size", "2", "--json", str(out)],
+                       cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+        results[launcher] = json.loads(out.read_text())
+    assert results["cpu"]["num_images"] == results["cpu_2proc"]["num_images"] == 5
+    for name, value in results["cpu"].items():
+        assert results["cpu_2proc"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -1,0 +1,46 @@
+"""Fault injection for the reliability tests: `DEPTH_DISTILL_FAULT` makes a run fail on purpose,
+at an exact step, the way real runs fail. Unset (always, outside tests) it does nothing.
+
+    sigkill@K      the process kills itself with SIGKILL after optimizer step K (no clean-up)
+    sigterm@K      SIGTERM to itself after step K (a cluster's pre-emption notice)
+    nan@K[:R]      the loss of step K+1 is NaN on process R (every process if R is left out)
+    nan@*[:R]      ... on every step
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Optional
+
+FAULT_ENV = "DEPTH_DISTILL_FAULT"
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # sigkill | sigterm | nan
+    step: Optional[int]  # None: every step
+    rank: Optional[int]  # None: every process
+
+    @classmethod
+    def from_env(cls) -> Optional["Fault"]:
+        spec = os.environ.get(FAULT_ENV, "").strip()
+        if not spec:
+            return None
+        kind, _, where = spec.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in ("sigkill", "sigterm", "nan") or not step:
+            raise ValueError(f"{FAULT_ENV}={spec!r} is not one of sigkill@K, sigterm@K, nan@K[:RANK], nan@*[:RANK]")
+        return cls(kind, None if step == "*" else int(step), int(rank) if rank else None)
+
+    def _hits(self, step: int, rank: int) -> bool:
+        return (self.step is None or self.step == step) and (self.rank is None or self.rank == rank)
+
+    def poison_loss(self, step: int, rank: int) -> bool:
+        """Whether the loss computed after `step` optimizer steps should be made NaN."""
+        return self.kind == "nan" and self._hits(step, rank)
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.kind in ("sigkill", "sigterm") and self._hits(step, rank):
+            os.kill(os.getpid(), signal.SIGKILL if self.kind == "sigkill" else signal.SIGTERM)
