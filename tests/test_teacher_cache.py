@@ -220,8 +220,8 @@ def test_changed_photo_is_refused_by_name(fresh, tiny_teacher):
 
 @pytest.mark.parametrize("field, value", [("teacher", "small"), ("teacher_config_hash", "0" * 16),
                                           ("cache_size", TEACHER + 14)])
-def test_other_teacher_or_size_is_refused(fresh, field, value):
-    cfg, paths, cache_dir = fresh
+def test_other_teacher_or_size_is_refused(built, field, value):
+    cfg, paths, cache_dir, _ = built
     args = {"teacher": "tiny", "teacher_config_hash": json.loads((cache_dir / "meta.json").read_text())[
         "teacher_config_hash"], "cache_size": TEACHER, field: value}
     with pytest.raises(StaleCacheError, match=rf"has {field}=.* but this run needs .*rebuild it with"):

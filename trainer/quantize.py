@@ -1,0 +1,202 @@
+"""Post-training int8 quantisation of the exported student, checked against the fp32 file.
+
+    python -m trainer.quantize --onnx runs/demo/student.onnx [--output student.int8.onnx]
+        [--mode dynamic|static] [--calibration data/samples] [--json quantize.json]
+
+Both modes run onnxruntime's `quant_pre_process` first (shape inference and graph fusions) and
+then compare the int8 file with the fp32 one on the calibration photos, preprocessed exactly as
+`trainer.predict` does: max and mean |disparity difference|, and the AbsRel / delta1 of the int8
+depth against the fp32 depth after the per-image scale-and-shift fit used in evaluation.
+
+- dynamic (default): weights are int8 in the file, activations are quantised at run time. ORT's
+  dynamic mode does cover Conv (as ConvInteger), not only MatMul, so MobileViT's convolutions
+  shrink too. Weights are QUInt8: ConvInteger with int8 weights only runs on recent onnxruntime
+  builds (microsoft/onnxruntime#26585, late 2025); older ones refuse to load the file ("Could not
+  find an implementation for ConvInteger"). uint8 x uint8 runs on every version this project
+  allows and avoids the uint8 x int8 saturation of AVX2 CPUs without VNNI.
+- static: QDQ format, per-channel int8 weights and uint8 activations whose ranges come from the
+  calibration photos. Only Conv, MatMul and Gemm are quantised (the layer norms and softmax stay
+  fp32), and weights use 7 bits (`reduce_range`), which cuts the error several-fold on AVX2 CPUs
+  without VNNI at almost no cost elsewhere.
+
+int8 is ~3x smaller on disk but not necessarily faster: ConvInteger is slower than fp32 Conv on
+some x86 CPUs. Time both files on the target before shipping one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data import list_images, load_rgb
+from trainer.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
+from trainer.predict import load_predictor, onnx_input_size, preprocess
+
+logger = logging.getLogger(__name__)
+
+MODES = ("dynamic", "static")
+# Quantised in both modes; everything else (norms, softmax, resize) stays fp32.
+QUANTIZED_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+
+
+class QuantizeError(RuntimeError):
+    """The int8 file could not be written or does not run; the fp32 file is untouched."""
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _calibration_batch(calibration_images: list[Path], size: int) -> torch.Tensor:
+    """(N, 3, size, size) of the readable images, preprocessed like `trainer.predict`."""
+    views = []
+    for path in calibration_images:
+        try:
+            views.append(preprocess(load_rgb(path), size))
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            logger.warning("skipping unreadable image %s (%s)", path, _first_line(error))
+    if not views:
+        raise QuantizeError("none of the calibration images could be read")
+    return torch.stack(views)
+
+
+def _quantize(source: Path, target: Path, mode: str, images: torch.Tensor) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    if mode == "dynamic":
+        quantize_dynamic(source, target, op_types_to_quantize=QUANTIZED_OP_TYPES, weight_type=QuantType.QUInt8)
+        return
+
+    class CalibrationImages(CalibrationDataReader):
+        def __init__(self, input_name: str) -> None:
+            self.feeds = iter([{input_name: image[None].numpy()} for image in images])  # batches of 1
+
+        def get_next(self) -> Optional[dict]:
+            return next(self.feeds, None)
+
+    import onnx
+
+    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    quantize_static(source, target, CalibrationImages(input_name), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=QUANTIZED_OP_TYPES, per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def _pre_process(source: Path, target: Path) -> Path:
+    """`target` after ORT's shape inference + fusions, or `source` if that fails (it is optional)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        # auto_merge: the symbolic inference otherwise gives up on MobileViT's unfold/fold reshapes.
+        quant_pre_process(str(source), str(target), auto_merge=True)
+    except Exception as error:
+        logger.warning("quantisation pre-processing failed (%s); quantising the model as exported",
+                       _first_line(error))
+        return source
+    return target
+
+
+def _compare(fp32_path: Path, int8_path: Path, images: torch.Tensor, size: int, batch_size: int = 8) -> dict:
+    fp32, int8 = load_predictor(fp32_path, size), load_predictor(int8_path, size)
+    reference = torch.cat([fp32(batch) for batch in images.split(batch_size)])  # (N, 1, S, S)
+    quantized = torch.cat([int8(batch) for batch in images.split(batch_size)])
+    difference = (quantized - reference).abs()
+    # The student's output only matters up to scale and shift, so also score it the way evaluation
+    # does: int8 depth vs fp32 depth after the per-image scale-and-shift fit.
+    aligned = depth_metrics(disparity_to_depth(quantized), disparity_to_depth(reference),
+                            depth_valid_mask_from_disparity(reference), align="scale_shift")
+    return {"num_images": len(images), "max_abs_diff": difference.max().item(),
+            "mean_abs_diff": difference.mean().item(), "mean_abs_fp32": reference.abs().mean().item(),
+            "aligned_abs_rel": aligned["abs_rel"].nanmean().item(),
+            "aligned_delta1": aligned["delta1"].nanmean().item()}
+
+
+def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str = "dynamic",
+                     calibration_images: Optional[list[Path]] = None, size: int = 256) -> dict:
+    """Write an int8 copy of `onnx_path` to `output_path` and return the comparison with fp32.
+
+    `calibration_images` calibrate static mode and are the comparison set in both modes. `size` is
+    used only for files exported with dynamic height and width. Raises QuantizeError, leaving no
+    file at `output_path`, if quantisation fails or the int8 file does not run or is not finite.
+    """
+    onnx_path, output_path = Path(onnx_path), Path(output_path)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if output_path.resolve() == onnx_path.resolve():
+        raise QuantizeError(f"--output {output_path} would overwrite the fp32 model")
+    if not calibration_images:
+        raise QuantizeError("no calibration images given")
+    try:
+        size = onnx_input_size(onnx_path, size)
+    except (OSError, ValueError) as error:
+        raise QuantizeError(str(error)) from None
+    images = _calibration_batch(calibration_images, size)  # (N, 3, S, S)
+
+    # Everything is written in a scratch folder and moved into place only once it has been checked.
+    with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
+        scratch_output = Path(scratch) / output_path.name
+        try:
+            source = _pre_process(onnx_path, Path(scratch) / "preprocessed.onnx")
+            _quantize(source, scratch_output, mode, images)
+            report = _compare(onnx_path, scratch_output, images, size)
+        except Exception as error:
+            raise QuantizeError(f"{mode} quantisation of {onnx_path} failed: {_first_line(error)}") from error
+        if not all(math.isfinite(value) for value in report.values()):
+            raise QuantizeError(f"{mode} int8 model gives non-finite disparity: {report}")
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(scratch_output, output_path)
+    fp32_bytes, int8_bytes = onnx_path.stat().st_size, output_path.stat().st_size
+    return {"mode": mode, "fp32": str(onnx_path), "int8": str(output_path), "size": size,
+            "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes, "compression": fp32_bytes / int8_bytes, **report}
+
+
+def format_report(report: dict) -> str:
+    header = f"{'mode':>8} | {'fp32 MB':>8} | {'int8 MB':>8} | {'ratio':>6} | {'max|d|':>8} | {'mean|d|':>8} | " \
+             f"{'mean|fp32|':>10} | {'abs_rel*':>8} | {'delta1*':>8}"
+    values = (f"{report['mode']:>8} | {report['fp32_bytes'] / 1e6:8.3f} | {report['int8_bytes'] / 1e6:8.3f} | "
+              f"{report['compression']:5.2f}x | {report['max_abs_diff']:8.2e} | {report['mean_abs_diff']:8.2e} | "
+              f"{report['mean_abs_fp32']:10.2e} | {report['aligned_abs_rel']:8.2e} | {report['aligned_delta1']:8.4f}")
+    return (f"int8 vs fp32 disparity on {report['num_images']} images at {report['size']}x{report['size']} "
+            f"(* depth after scale-and-shift fit)\n{header}\n{values}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--onnx", required=True, help="fp32 student from trainer.export")
+    parser.add_argument("--output", help="default: <onnx stem>.int8.onnx beside it")
+    parser.add_argument("--mode", choices=MODES, default="dynamic")
+    parser.add_argument("--calibration", default="data/samples",
+                        help="folder of photos: calibrates static mode, compares both modes")
+    parser.add_argument("--max-images", type=int, default=32, help="use at most this many calibration photos")
+    parser.add_argument("--size", type=int, default=256, help="input side for files with dynamic height/width")
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+    onnx_path = Path(args.onnx)
+    output = Path(args.output) if args.output else onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    try:
+        calibration_images = list_images(args.calibration)[:args.max_images]
+        report = quantize_student(onnx_path, output, args.mode, calibration_images, args.size)
+    except (QuantizeError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
