@@ -248,7 +248,7 @@ class CachedTeacherDataset(Dataset):
             sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
             return self._select({**sample, "valid": torch.tensor(False), "index": index})
         params = self.transform.sample_params(image)
-        views = self.transform.apply(image, params)
+        views = self.transform.apply(image, params, teacher_view=self.with_teacher_image)
         left, upper, right, lower = params.box
         fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
         disparity = crop_map(self.cache.get(path, photo_hash), fractions, size, params.flip)
@@ -256,7 +256,7 @@ class CachedTeacherDataset(Dataset):
 
     def _select(self, sample: dict) -> dict:
         if not self.with_teacher_image:
-            del sample["teacher_image"]
+            sample.pop("teacher_image", None)
         return sample
 
 

@@ -61,15 +61,16 @@ class TrainTransform:
         flip = bool(torch.rand(()) < self.hflip_prob)
         return CropParams(box=(left, top, left + width, top + height), flip=flip)
 
-    def apply(self, image: Image.Image, params: CropParams) -> dict[str, torch.Tensor]:
-        teacher_view = _render_view(image, self.teacher_size, params)
+    def apply(self, image: Image.Image, params: CropParams, teacher_view: bool = True) -> dict[str, torch.Tensor]:
+        """Both views, or only the student's when the teacher's output comes from a cache
+        (rendering the large teacher view would cost as much as the rest of the sample)."""
         student_view = _render_view(image, self.student_size, params)
         if self.color_jitter is not None:
             student_view = self.color_jitter(student_view)
-        return {
-            "teacher_image": _normalize(teacher_view),
-            "student_image": _normalize(student_view),
-        }
+        views = {"student_image": _normalize(student_view)}
+        if teacher_view:
+            views["teacher_image"] = _normalize(_render_view(image, self.teacher_size, params))
+        return views
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         return self.apply(image, self.sample_params(image))

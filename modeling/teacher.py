@@ -57,7 +57,7 @@ def _load_error(name: str, error: Exception) -> TeacherLoadError:
         f"could not load teacher '{name}' ({where}: {reason}). Fixes: set teacher.name to a local "
         f"directory holding a downloaded checkpoint (config.json + model.safetensors), or run with "
         f"HF_HUB_OFFLINE=1 and a filled Hugging Face cache, or use the offline demo config "
-        f"(teacher.name=tiny)"
+        f"(trainer/configs/demo.yaml, teacher.name=tiny)"
     )
 
 

@@ -212,6 +212,13 @@ def test_minidpt_decodes_four_stages_to_input_size():
     disparity = decoder(features)
     assert disparity.shape == (2, 1, 64, 96)
     assert (disparity >= 0).all()
+    # A last conv that outputs -10 everywhere must still give a positive map: softplus(-10).
+    last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-10.0)
+        clamped = decoder(features)
+    torch.testing.assert_close(clamped, torch.full_like(clamped, F.softplus(torch.tensor(-10.0)).item()))
 
 
 def test_minidpt_needs_four_stages():

@@ -229,9 +229,9 @@ def test_other_teacher_or_size_is_refused(built, field, value):
                           cfg.data.train_dir)
 
 
-def test_uncached_photos_are_counted(fresh, tiny_teacher):
-    cfg, paths, _ = fresh
-    new = _square_photos(Path(cfg.data.train_dir) / "new", count=2)
+def test_uncached_photos_are_counted(built, tiny_teacher):
+    cfg, paths, _, _ = built
+    new = [Path(cfg.data.train_dir) / "new" / name for name in ("a.png", "b.png")]  # added since caching
     with pytest.raises(StaleCacheError, match=r"2 of 5 training images are not in teacher cache .*\(first: new/"):
         _open(cfg, tiny_teacher, paths + new)
 
@@ -246,7 +246,7 @@ def test_interrupted_cache_is_refused(fresh, tiny_teacher):
 
 
 def test_unreadable_photo_is_skipped_then_invalid_and_workers_read_shards(tmp_path, tiny_teacher):
-    paths = _square_photos(tmp_path / "photos")
+    _square_photos(tmp_path / "photos")
     broken = tmp_path / "photos" / "broken.jpg"
     broken.write_bytes(b"not a JPEG")
     cfg = _config(tmp_path / "photos", f"distill.teacher_cache={tmp_path / 'cache'}")

@@ -236,3 +236,24 @@ def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     assert results["cpu"]["num_images"] == results["cpu_2proc"]["num_images"] == 5
     for name, value in results["cpu"].items():
         assert results["cpu_2proc"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_training_from_the_teacher_cache(tmp_path, photo_dir):
+    from trainer.cache_teacher import main as cache_main
+
+    cache = tmp_path / "cache"
+    (photo_dir / "broken.jpg").write_bytes(b"not a photo")
+    overrides = [f"data.train_dir={photo_dir}", "data.teacher_size=70", "data.student_size=64",
+                 "data.num_workers=0"]
+    assert cache_main(["--config", DEMO, "--cache-dir", str(cache), *overrides]) == 0
+    run_dir = tmp_path / "run"
+    result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=3", f"distill.teacher_cache={cache}",
+                                       "distill.cache_features=drop"))
+    assert "feature terms are off" in result.stderr
+    events = scalar_events(run_dir)
+    assert "train/silog" in events and "train/feature" not in events
+    assert dict(events["train/bad_images"])[3] >= 1  # the broken photo, met and counted
+    # A cache made for another teacher resolution is refused before training starts.
+    stale = run_trainer(tiny_run_args(tmp_path / "stale", photo_dir, "data.teacher_size=56",
+                                      f"distill.teacher_cache={cache}"), check=False)
+    assert stale.returncode == 1 and "cache" in stale.stderr.splitlines()[-1]

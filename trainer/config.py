@@ -90,7 +90,7 @@ class DistillConfig:
     student_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     # Folder written by `python -m trainer.cache_teacher`: depth targets are read from it instead
     # of running the teacher. Feature/attention terms then need the live teacher ("live") or are
-    # switched off ("off").
+    # dropped ("drop"; not "off", which YAML reads as false).
     teacher_cache: Optional[str] = None
     cache_features: str = "live"
 
@@ -250,7 +250,7 @@ def validate(cfg: Config) -> None:
     _check_choice(ds.ssi_kind, "distill.ssi_kind", ("l1", "mse"))
     _check_choice(ds.pixel_kind, "distill.pixel_kind", ("mse", "l1"))
     _check(0.0 <= ds.silog_lam <= 1.0, "distill.silog_lam", "must be in [0, 1]")
-    _check_choice(ds.cache_features, "distill.cache_features", ("live", "off"))
+    _check_choice(ds.cache_features, "distill.cache_features", ("live", "drop"))
     _check(ds.gradient_scales >= 1, "distill.gradient_scales", "must be >= 1")
     weights = dataclasses.asdict(ds.weights)
     for name, weight in weights.items():

@@ -48,14 +48,20 @@ def build_student(cfg: Config) -> StudentDepthModel:
     return StudentDepthModel.build(s.backbone, s.decoder_width, s.head_width, pretrained=s.pretrained)
 
 
-def build_module(cfg: Config, student: StudentDepthModel, teacher: DepthAnythingTeacher) -> DistillationModule:
+def build_module(cfg: Config, student: StudentDepthModel, teacher: DepthAnythingTeacher,
+                 with_features: bool = True) -> DistillationModule:
+    """`with_features=False` drops the feature and attention terms (a cached run without the
+    live teacher has no teacher features to match)."""
     d = cfg.distill
     stages = d.student_stages
+    weights = dataclasses.asdict(d.weights)
+    if not with_features:
+        weights.update(feature=0.0, attention=0.0)
     if len(stages) != len(teacher.feature_layers):
         raise ValueError(f"distill.student_stages {stages} must pair one-to-one with the teacher's "
                          f"feature layers {teacher.feature_layers} (set teacher.feature_layers)")
     criterion = DistillationLoss(
-        weights=dataclasses.asdict(d.weights), normalization=d.normalization,
+        weights=weights, normalization=d.normalization,
         student_channels=[student.feature_channels[i] for i in stages],
         teacher_channels=teacher.feature_channels, silog_lam=d.silog_lam,
         gradient_scales=d.gradient_scales, feature_kind=d.feature_kind, ssi_kind=d.ssi_kind,

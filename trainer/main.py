@@ -31,8 +31,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from data import EvalTransform, LabeledDepthDataset, TrainTransform, UnlabeledImageDataset, list_images, split_train_val
+from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, StaleCacheError, TrainTransform,
+                  UnlabeledImageDataset, train_val_paths)
 from modeling import StudentDepthModel, StudentLoadError, TeacherLoadError
+from trainer.cache_teacher import open_cache
 from trainer.checkpoint import (CheckpointError, all_finite, load_training_state, resume_candidates, save_student,
                                 save_training_state)
 from trainer.config import Config, ConfigError, flat_hparams, load_config, to_yaml
@@ -119,25 +121,36 @@ def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None
                           f"or --overwrite to start over (or choose another run_name)")
 
 
-def build_datasets(cfg: Config):
-    """-> (train, validation or None, labeled or None). Errors name the config key to fix."""
-    d = cfg.data
-    for key, folder in (("data.train_dir", d.train_dir), ("data.val_dir", d.val_dir),
-                        ("data.labeled_dir", d.labeled_dir)):
+def check_folders(cfg: Config) -> None:
+    for key, folder in (("data.train_dir", cfg.data.train_dir), ("data.val_dir", cfg.data.val_dir),
+                        ("data.labeled_dir", cfg.data.labeled_dir), ("distill.teacher_cache", cfg.distill.teacher_cache)):
         if folder is not None and not Path(folder).is_dir():
             raise ConfigError(f"{key}: folder '{folder}' does not exist")
+
+
+def uses_live_teacher_features(cfg: Config) -> bool:
+    """With a teacher cache, feature/attention terms still need the live teacher, unless
+    `distill.cache_features=drop` drops them."""
+    w = cfg.distill.weights
+    return (w.feature > 0 or w.attention > 0) and not (cfg.distill.teacher_cache and cfg.distill.cache_features == "drop")
+
+
+def build_datasets(cfg: Config, teacher):
+    """-> (train, validation or None, labeled or None). Errors name the config key to fix."""
+    d = cfg.data
     try:
-        train_paths = list_images(d.train_dir)
-        if d.val_dir is not None:
-            val_paths = list_images(d.val_dir)
-        else:
-            train_paths, val_paths = split_train_val(train_paths, d.val_fraction, cfg.seed)
+        train_paths, val_paths = train_val_paths(d.train_dir, d.val_dir, d.val_fraction, cfg.seed)
     except ValueError as error:  # an empty folder
         raise ConfigError(str(error)) from None
     augment = TrainTransform(d.teacher_size, d.student_size, scale=tuple(d.crop_scale),
                              ratio=tuple(d.crop_ratio), hflip_prob=d.hflip_prob, color_jitter=d.color_jitter)
     plain = EvalTransform(d.teacher_size, d.student_size)
-    train = EpochSeededDataset(UnlabeledImageDataset(train_paths, augment), cfg.seed)
+    if cfg.distill.teacher_cache:
+        cache = open_cache(cfg, teacher, train_paths)
+        photos = CachedTeacherDataset(train_paths, augment, cache, with_teacher_image=uses_live_teacher_features(cfg))
+    else:
+        photos = UnlabeledImageDataset(train_paths, augment)
+    train = EpochSeededDataset(photos, cfg.seed)
     val = UnlabeledImageDataset(val_paths, plain) if val_paths else None
     labeled = None
     if d.labeled_dir is not None:
@@ -156,19 +169,26 @@ def train_step(module, teacher, batch: dict, accelerator: Accelerator, channels_
     valid = batch["valid"]
     n_valid = valid.sum()
     keep = valid if bool(n_valid > 0) else torch.ones_like(valid)
-    student_images, teacher_images = batch["student_image"][keep], batch["teacher_image"][keep]
+    student_images = batch["student_image"][keep]
     if channels_last:
         student_images = student_images.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), accelerator.autocast():
-        teacher_out = teacher(teacher_images, output_size=student_images.shape[-2:])
+    teacher_disparity, teacher_features = batch.get("teacher_disparity"), None
+    if teacher_disparity is not None:  # read from the teacher cache
+        teacher_disparity = teacher_disparity[keep]
+    if "teacher_image" in batch:  # the live teacher: depth unless cached, and features
+        with torch.no_grad(), accelerator.autocast():
+            teacher_out = teacher(batch["teacher_image"][keep], output_size=student_images.shape[-2:])
+        teacher_features = teacher_out.features
+        if teacher_disparity is None:
+            teacher_disparity = teacher_out.disparity
     with accelerator.autocast():
-        loss, terms, student_disparity = module(student_images, teacher_out.disparity, teacher_out.features)
+        loss, terms, student_disparity = module(student_images, teacher_disparity, teacher_features)
     if not bool(n_valid > 0):
         loss = loss * 0.0
     if poison:  # fault injection (tests only)
         loss = loss * float("nan")
     accelerator.backward(loss)
-    outputs = (student_images, teacher_out.disparity, student_disparity.detach())
+    outputs = (student_images, teacher_disparity, student_disparity.detach())
     return loss.detach(), {k: v.detach() for k, v in terms.items()}, n_valid, outputs
 
 
@@ -358,12 +378,22 @@ def check_world_size(accelerator: Accelerator) -> None:
                           f"(or use accelerate_configs/cpu_2proc.yaml through launch.sh)")
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: workers must not die of
+    # them mid-batch, or the main process fails before it can save its state. They exit with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loaders(cfg: Config, accelerator: Accelerator, train, val, labeled):
     workers = cfg.data.num_workers
-    train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
-                              pin_memory=accelerator.device.type == "cuda", drop_last=False)
-    eval_loader = lambda ds: None if ds is None else DataLoader(  # noqa: E731
-        ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=workers)
+    common = dict(num_workers=workers, worker_init_fn=_ignore_interrupts if workers else None,
+                  pin_memory=accelerator.device.type == "cuda")
+    train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, **common)
+
+    def eval_loader(dataset):
+        return None if dataset is None else DataLoader(dataset, batch_size=cfg.eval.batch_size, **common)
+
     return train_loader, eval_loader(val), eval_loader(labeled)
 
 
@@ -385,7 +415,9 @@ def export_final(cfg: Config, student) -> int:
 
 def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
     check_run_dir(cfg.run_dir, resume, overwrite)
-    train, val, labeled = build_datasets(cfg)
+    check_folders(cfg)
+    teacher = build_teacher(cfg)
+    train, val, labeled = build_datasets(cfg, teacher)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
@@ -400,7 +432,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    teacher = build_teacher(cfg).to(accelerator.device)
+    teacher.to(accelerator.device)
     if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
         # Frozen weights need no fp32 master copy: half precision halves the teacher's memory.
         teacher.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
@@ -409,7 +441,10 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
         student.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         student.compile()
-    module = build_module(cfg, student, teacher)
+    if cfg.distill.teacher_cache:
+        logger.info(f"teacher depth from the cache {cfg.distill.teacher_cache}; feature terms "
+                    + ("use the live teacher" if uses_live_teacher_features(cfg) else "are off"))
+    module = build_module(cfg, student, teacher, with_features=uses_live_teacher_features(cfg))
     optimizer = build_optimizer(cfg, module)
     train_loader, val_loader, labeled_loader = build_loaders(cfg, accelerator, train, val, labeled)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.optim.grad_accum_steps)
@@ -446,7 +481,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return run(cfg, args.resume, args.overwrite)
-    except (ConfigError, TeacherLoadError, StudentLoadError, CheckpointError) as error:
+    except (ConfigError, TeacherLoadError, StudentLoadError, CheckpointError, StaleCacheError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_SETUP
 

@@ -156,7 +156,7 @@ def _colour_image(disparity: torch.Tensor, colormap: str) -> Image.Image:
         colour = F.interpolate(colorize(small, colormap), size=disparity.shape[-2:], mode="bilinear",
                                align_corners=False).clamp(0, 1)
     rgb = (colour[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (H, W, 3)
-    return Image.fromarray(rgb, mode="RGB")
+    return Image.fromarray(rgb)  # (H, W, 3) uint8 is RGB
 
 
 def _write_outputs(disparity: torch.Tensor, original_size: tuple[int, int], stem: str, output_dir: Path,
@@ -179,8 +179,12 @@ def predict_paths(paths: Iterable[str | Path], model_path: str | Path, output_di
     Returns the written `<stem>_depth.png` paths (each `.npy`, if any, beside its PNG). Unreadable
     files are logged once each and skipped. A fixed-size ONNX file runs at its own size, not `size`.
     """
+    import matplotlib
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if colormap not in matplotlib.colormaps:
+        raise ValueError(f"matplotlib has no colormap {colormap!r}")
     image_paths = collect_images(paths)
     if Path(model_path).suffix == ".onnx":
         size = onnx_input_size(model_path, size)
@@ -193,11 +197,11 @@ def predict_paths(paths: Iterable[str | Path], model_path: str | Path, output_di
 
     def flush() -> None:
         disparity = predictor(torch.stack([image for image, _, _ in batch]))  # (B, 1, S, S)
-        for one, (_, original_size, stem) in zip(disparity.split(1), batch):
+        for one, (_, original_size, stem) in zip(disparity.split(1), batch, strict=True):
             written.append(_write_outputs(one, original_size, stem, output_dir, save_npy, colormap))
         batch.clear()
 
-    for path, stem in zip(image_paths, output_stems(image_paths)):
+    for path, stem in zip(image_paths, output_stems(image_paths), strict=True):
         try:
             image = load_rgb(path)
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files

@@ -10,17 +10,18 @@ depth against the fp32 depth after the per-image scale-and-shift fit used in eva
 
 - dynamic (default): weights are int8 in the file, activations are quantised at run time. ORT's
   dynamic mode does cover Conv (as ConvInteger), not only MatMul, so MobileViT's convolutions
-  shrink too. Weights are QUInt8: ConvInteger with int8 weights only runs on recent onnxruntime
-  builds (microsoft/onnxruntime#26585, late 2025); older ones refuse to load the file ("Could not
-  find an implementation for ConvInteger"). uint8 x uint8 runs on every version this project
-  allows and avoids the uint8 x int8 saturation of AVX2 CPUs without VNNI.
+  shrink too. Weights are QUInt8: ConvInteger with int8 weights runs only on recent onnxruntime
+  (added by microsoft/onnxruntime#26585, late 2025); older releases refuse to load such a file
+  ("Could not find an implementation for ConvInteger"). uint8 x uint8 runs on every version this
+  project allows, and is free of the uint8 x int8 saturation of AVX2 CPUs without VNNI.
 - static: QDQ format, per-channel int8 weights and uint8 activations whose ranges come from the
-  calibration photos. Only Conv, MatMul and Gemm are quantised (the layer norms and softmax stay
-  fp32), and weights use 7 bits (`reduce_range`), which cuts the error several-fold on AVX2 CPUs
-  without VNNI at almost no cost elsewhere.
+  calibration photos. Only Conv, MatMul and Gemm are quantised (layer norms and softmax stay
+  fp32), and weights use 7 bits (`reduce_range`): on an AVX2 CPU without VNNI that cut the error
+  about six-fold, at the cost of one bit of weight precision elsewhere.
 
-int8 is ~3x smaller on disk but not necessarily faster: ConvInteger is slower than fp32 Conv on
-some x86 CPUs. Time both files on the target before shipping one.
+int8 is ~3x smaller on disk but not necessarily faster: on a 2-core AVX2 CPU the dynamic file ran
+slower than fp32 (ConvInteger plus a run-time quantisation before every layer) and the static one
+slightly faster. Time both files on the target before shipping one.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import math
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -57,7 +59,7 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def _calibration_batch(calibration_images: list[Path], size: int) -> torch.Tensor:
+def _calibration_batch(calibration_images: Sequence[str | Path], size: int) -> torch.Tensor:
     """(N, 3, size, size) of the readable images, preprocessed like `trainer.predict`."""
     views = []
     for path in calibration_images:
@@ -98,7 +100,8 @@ def _pre_process(source: Path, target: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        # auto_merge: the symbolic inference otherwise gives up on MobileViT's unfold/fold reshapes.
+        # Without auto_merge the symbolic shape inference stops on this graph ("Incomplete symbolic
+        # shape inference").
         quant_pre_process(str(source), str(target), auto_merge=True)
     except Exception as error:
         logger.warning("quantisation pre-processing failed (%s); quantising the model as exported",
@@ -122,8 +125,8 @@ def _compare(fp32_path: Path, int8_path: Path, images: torch.Tensor, size: int, 
             "aligned_delta1": aligned["delta1"].nanmean().item()}
 
 
-def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str = "dynamic",
-                     calibration_images: Optional[list[Path]] = None, size: int = 256) -> dict:
+def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str,
+                     calibration_images: Sequence[str | Path], size: int = 256) -> dict:
     """Write an int8 copy of `onnx_path` to `output_path` and return the comparison with fp32.
 
     `calibration_images` calibrate static mode and are the comparison set in both modes. `size` is

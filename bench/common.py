@@ -1,0 +1,149 @@
+"""What the benchmarks share: the real configuration and models, timing statistics, memory, the
+machine's description, one table format and the JSON file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import Dataset
+from transformers import DepthAnythingForDepthEstimation
+
+from modeling import DepthAnythingTeacher
+from modeling.teacher import small_config
+from trainer.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+# The real run's preset: its augmentation, loss weights, optimizer and student widths are what we time.
+REAL_PRESET = REPO / "trainer" / "configs" / "dav2_small_mobilevit_xs.yaml"
+
+
+def bench_config(teacher_size: int, student_size: int, batch_size: int, workers: int, tiny: bool,
+                 *overrides: str) -> Config:
+    """The real preset on the shipped sample photos, with random-init models (nothing downloaded)."""
+    return load_config(REAL_PRESET, [
+        f"data.train_dir={SAMPLES}", "data.val_fraction=0.0", f"data.teacher_size={teacher_size}",
+        f"data.student_size={student_size}", f"data.num_workers={workers}", f"train.batch_size={batch_size}",
+        f"eval.batch_size={batch_size}", f"teacher.name={'tiny' if tiny else 'small'}",
+        "student.pretrained=false", "train.mixed_precision='no'", *overrides])
+
+
+def build_teacher(tiny: bool) -> DepthAnythingTeacher:
+    """Depth-Anything-V2-Small built from its config (random weights), or the tiny test teacher."""
+    if tiny:
+        return DepthAnythingTeacher.tiny()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DepthAnythingTeacher(DepthAnythingForDepthEstimation(small_config()))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Cycled(Dataset):
+    """`dataset` repeated to `length` items: the eight sample photos stand for a large folder."""
+
+    def __init__(self, dataset: Dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)), "runs": len(ms)}
+
+
+def current_rss() -> int:
+    """Bytes resident in this process now."""
+    return psutil.Process().memory_info().rss
+
+
+class PeakRss:
+    """Peak resident memory of this process between `take()` calls, sampled every few ms.
+
+    `ru_maxrss` is a peak over the whole process life and cannot be reset, so it cannot tell
+    interleaved variants apart; a sampling thread can (torch kernels release the GIL)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.process, self.interval_s = psutil.Process(), interval_s
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def take(self) -> int:
+        """Bytes: the peak since the previous call."""
+        peak = max(self.peak, self.process.memory_info().rss)
+        self.peak = self.process.memory_info().rss
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: Optional[torch.device] = None) -> dict:
+    """Where and with what a figure was measured; load above the core count means other work ran."""
+    import onnxruntime
+
+    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_table(title: str, headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain fixed-width table; floats get 4 significant digits."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: " | ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([title, line(headers), "-+-".join("-" * w for w in widths), *map(line, cells)])
+
+
+def write_json(path: Optional[str | Path], figures: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {path}")

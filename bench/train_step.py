@@ -1,0 +1,275 @@
+"""Images/s of one distillation step at the real architectures, split into its phases.
+
+    python -m bench.train_step [--teacher-size 518] [--student-size 256] [--batch-size 2] [--steps 4]
+        [--device cpu|cuda] [--variants live,cached,...] [--json bench/results/train_step.json]
+
+Depth-Anything-V2-Small (built from its config, random weights) teaches MobileViT-XS + MiniDPT at
+the real preset's widths, loss, optimizer and augmentation (trainer/configs/dav2_small_mobilevit_xs.yaml)
+on the sample photos. A step is timed in four phases: data loading (the wait for the next batch and
+its copy to the device), teacher forward, student forward + loss + backward, optimizer (gradient
+clipping, AdamW, zero_grad), with a device synchronisation at each boundary on GPU.
+
+All variants are built side by side and run in turn, one step each, so that a ratio between two
+of them is measured under the same conditions even on a machine with other work running. With
+`--workers 0` (the default) data loading is done in the step and measured; with workers, one
+variant's workers prefetch while another computes.
+
+`cached` reads the teacher's disparity from a cache that the real writer
+(`trainer.cache_teacher.build_cache`) fills in a temporary folder, through the trainer's own
+dataset for `distill.teacher_cache` (`CachedTeacherDataset`): no teacher forward, and no teacher
+view rendered. The live variants run the same depth-only loss (feature
+weight 0) for a fair `cached_speedup_vs_live`; `live_features` adds the preset's feature term.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from bench.common import (Cycled, PeakRss, bench_config, build_teacher, count_parameters, current_rss, format_table,
+                          machine, synchronize, write_json)
+from modeling import DepthAnythingTeacher
+from trainer.cache_teacher import build_cache
+from trainer.config import Config
+from trainer.distill import DistillationModule, build_module, build_optimizer, build_student
+from trainer.main import build_datasets
+
+PHASES = ("data_loading", "teacher_forward", "student_forward_backward", "optimizer")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    cached: bool = False  # teacher disparity read from the cache: no teacher forward
+    features: bool = False  # the preset's feature term too (needs the live teacher's features)
+    teacher_dtype: str = "fp32"  # bf16/fp16: teacher weights cast and run under autocast; student fp32
+    channels_last: bool = False  # student weights and inputs
+    compile: bool = False  # student.compile(), as train.compile does
+
+
+VARIANTS = {
+    "live": Variant(),
+    "cached": Variant(cached=True),
+    "live_features": Variant(features=True),
+    "live_teacher_bf16": Variant(teacher_dtype="bf16"),
+    "live_teacher_fp16": Variant(teacher_dtype="fp16"),
+    "live_channels_last": Variant(channels_last=True),
+    "live_compile": Variant(compile=True),
+    "cached_channels_last_compile": Variant(cached=True, channels_last=True, compile=True),
+}
+DEFAULT_VARIANTS = {"cpu": "live,cached", "cuda": ",".join(VARIANTS)}
+
+
+@dataclass
+class Runner:
+    """One variant's models, optimizer and batches, and what its timed steps measured."""
+
+    variant: Variant
+    teacher: Optional[DepthAnythingTeacher]
+    module: DistillationModule
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[dict]
+    grad_clip: float
+    dataset: str  # the class under EpochSeededDataset: where the teacher targets come from
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {phase: [] for phase in PHASES})
+    peak_bytes: int = 0
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher-size", type=int, default=518, help="a multiple of 14")
+    parser.add_argument("--student-size", type=int, default=256, help="a multiple of 32")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: loading timed in the step)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} "
+                                           f"(default: {DEFAULT_VARIANTS['cpu']} on cpu, all on cuda)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test teacher instead of V2-Small")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    args.variants = (args.variants or DEFAULT_VARIANTS[args.device]).split(",")
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def runner_config(variant: Variant, args: argparse.Namespace, cache_dir: Path) -> Config:
+    overrides = [] if variant.features else ["distill.weights.feature=0"]
+    if variant.cached:
+        overrides.append(f"distill.teacher_cache={cache_dir}")
+    return bench_config(args.teacher_size, args.student_size, args.batch_size, args.workers, args.tiny, *overrides)
+
+
+def build_runner(variant: Variant, args: argparse.Namespace, device: torch.device, teacher: DepthAnythingTeacher,
+                 cache_dir: Path) -> Runner:
+    cfg = runner_config(variant, args, cache_dir)
+    torch.manual_seed(cfg.seed)  # every variant starts from the same student
+    student = build_student(cfg)
+    if variant.channels_last:
+        student.to(memory_format=torch.channels_last)
+    if variant.compile:
+        student.compile()
+    module = build_module(cfg, student, teacher).to(device).train()
+    optimizer = build_optimizer(cfg, module)
+    # The trainer's own datasets: photos + TrainTransform, or with a cache CachedTeacherDataset.
+    train, _, _ = build_datasets(cfg, teacher)
+    length = (args.warmup + args.steps) * args.batch_size
+    loader = DataLoader(Cycled(train, length), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    return Runner(variant, None if variant.cached else teacher, module, optimizer, iter(loader), cfg.optim.grad_clip,
+                  type(train.dataset).__name__)
+
+
+def run_step(runner: Runner, device: torch.device) -> dict[str, float]:
+    """One optimizer step -> seconds per phase."""
+    v = runner.variant
+    start = time.perf_counter()
+    batch = next(runner.batches)
+    student_images = batch["student_image"].to(device, non_blocking=True)  # (B, 3, s, s)
+    if v.channels_last:
+        student_images = student_images.contiguous(memory_format=torch.channels_last)
+    if v.cached:
+        teacher_disparity = batch["teacher_disparity"].to(device, non_blocking=True)  # (B, 1, s, s)
+    else:
+        teacher_images = batch["teacher_image"].to(device, non_blocking=True)  # (B, 3, t, t)
+    synchronize(device)
+    loaded = time.perf_counter()
+    teacher_features = None
+    if not v.cached:
+        dtype = DTYPES[v.teacher_dtype]
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            teacher_out = runner.teacher(teacher_images, output_size=student_images.shape[-2:])
+        teacher_disparity, teacher_features = teacher_out.disparity, teacher_out.features
+    synchronize(device)
+    taught = time.perf_counter()
+    loss, _, _ = runner.module(student_images, teacher_disparity, teacher_features)
+    loss.backward()
+    synchronize(device)
+    backward = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(runner.module.parameters(), runner.grad_clip or float("inf"))
+    runner.optimizer.step()
+    runner.optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    end = time.perf_counter()
+    return dict(zip(PHASES, (loaded - start, taught - loaded, backward - taught, end - backward)))
+
+
+def variant_figures(runner: Runner, batch_size: int) -> dict:
+    seconds = {phase: np.asarray(values) for phase, values in runner.seconds.items()}
+    total = sum(seconds.values())
+    images = batch_size * len(total)
+    return {
+        "images_per_s": images / total.sum(),
+        # What the step consumes when DataLoader workers hide the loading: the rate a data
+        # pipeline must keep up with (bench.dataloader compares against this).
+        "images_per_s_excluding_data": images / (total - seconds["data_loading"]).sum(),
+        "ms_per_step": {**{phase: 1e3 * float(values.mean()) for phase, values in seconds.items()},
+                        "total": 1e3 * float(total.mean())},
+        "peak_memory_mb": runner.peak_bytes / 2**20,
+        "loss_weights": dict(runner.module.criterion.weights),
+        "dataset": runner.dataset,
+        "timed_steps": len(total),
+        **asdict(runner.variant),
+    }
+
+
+def measure(runners: dict[str, Runner], args: argparse.Namespace, device: torch.device) -> None:
+    """Warm-up, then timed steps, round-robin over the variants."""
+    rss = PeakRss() if device.type == "cpu" else None
+    try:
+        for step in range(args.warmup + args.steps):
+            for runner in runners.values():
+                if rss is not None:
+                    rss.take()
+                else:
+                    torch.cuda.reset_peak_memory_stats(device)
+                phases = run_step(runner, device)
+                peak = rss.take() if rss is not None else torch.cuda.max_memory_allocated(device)
+                runner.peak_bytes = max(runner.peak_bytes, peak)
+                if step >= args.warmup:
+                    for phase, seconds in phases.items():
+                        runner.seconds[phase].append(seconds)
+    finally:
+        if rss is not None:
+            rss.close()
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    teacher = build_teacher(args.tiny).to(device)
+    variants = {name: VARIANTS[name] for name in args.variants}
+    teachers = {dtype: teacher if dtype == "fp32" else copy.deepcopy(teacher).to(DTYPES[dtype])
+                for dtype in {v.teacher_dtype for v in variants.values()}}
+    with tempfile.TemporaryDirectory(prefix="bench-teacher-cache-") as cache_dir:
+        cache_dir = Path(cache_dir)
+        if any(v.cached for v in variants.values()):
+            # The sample photos' teacher maps, written by the trainer's own cache writer.
+            cfg = runner_config(VARIANTS["cached"], args, cache_dir)
+            build_cache(cfg, cache_dir, Accelerator(cpu=device.type == "cpu"), teacher)
+        runners = {name: build_runner(v, args, device, teachers[v.teacher_dtype], cache_dir)
+                   for name, v in variants.items()}
+        resident = (torch.cuda.memory_allocated(device) if device.type == "cuda"
+                    else current_rss())
+        measure(runners, args, device)
+
+    results = {name: variant_figures(runner, args.batch_size) for name, runner in runners.items()}
+    student = next(iter(runners.values())).module.student
+    figures = {
+        "benchmark": "train_step",
+        "machine": machine(device),
+        "settings": {"device": args.device, "teacher_size": args.teacher_size, "student_size": args.student_size,
+                     "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
+                     "dataloader_workers": args.workers, "torch_threads": args.threads,
+                     "teacher": "tiny test teacher" if args.tiny else "Depth-Anything-V2-Small (random weights)",
+                     "teacher_parameters": count_parameters(teacher),
+                     "student": "mobilevit_xs + MiniDPT (preset widths, random weights)",
+                     "student_parameters": count_parameters(student),
+                     "memory": ("peak torch.cuda.max_memory_allocated during the variant's steps" if device.type == "cuda"
+                                else "peak process RSS during the variant's steps (sampled every 5 ms)"),
+                     "resident_memory_mb_before_steps": resident / 2**20},
+        "cached_targets_source": ("CachedTeacherDataset over fp16 safetensors shards written by "
+                                  "trainer.cache_teacher.build_cache in a temporary folder"),
+        "variants": results,
+    }
+    if "live" in results and "cached" in results:
+        for key in ("images_per_s", "images_per_s_excluding_data"):
+            suffix = key.removeprefix("images_per_s")
+            figures[f"cached_speedup_vs_live{suffix}"] = results["cached"][key] / results["live"][key]
+    print(format_report(figures))
+    write_json(args.json, figures)
+    return figures
+
+
+def format_report(figures: dict) -> str:
+    s = figures["settings"]
+    rows = [[name, r["images_per_s"], r["images_per_s_excluding_data"],
+             *(r["ms_per_step"][phase] for phase in (*PHASES, "total")), r["peak_memory_mb"]]
+            for name, r in figures["variants"].items()]
+    title = (f"distillation step on {s['device']}: teacher {s['teacher_size']}, student {s['student_size']}, "
+             f"batch {s['batch_size']}, {s['timed_steps']} timed steps, {s['dataloader_workers']} workers, "
+             f"{s['torch_threads']} threads (ms are per step)")
+    table = format_table(title, ["variant", "img/s", "img/s excl. data", "data ms", "teacher ms",
+                                 "student fwd+bwd ms", "optim ms", "total ms", "peak MB"], rows)
+    ratios = [f"{key}: {value:.2f}x" for key, value in figures.items() if key.startswith("cached_speedup")]
+    return "\n".join([table, *ratios])
+
+
+if __name__ == "__main__":
+    main()
