@@ -102,7 +102,7 @@ def test_shard_writer_splits_shards_and_stores_duplicates_once(tmp_path):
         assert torch.equal(shard.get_tensor("h2"), torch.full((1, 2, 2), 2.0, dtype=torch.float16))
 
 
-def test_teacher_config_hash_ignores_provenance_and_tells_architectures_apart(tiny_teacher, tmp_path):
+def test_teacher_config_hash_ignores_provenance_and_tells_teachers_apart(tiny_teacher, tmp_path):
     tiny_teacher.save_pretrained(tmp_path / "saved")
     reloaded = DepthAnythingTeacher.from_pretrained(str(tmp_path / "saved"))  # other path, dtype recorded
     assert teacher_config_hash(reloaded) == teacher_config_hash(tiny_teacher)
@@ -110,6 +110,8 @@ def test_teacher_config_hash_ignores_provenance_and_tells_architectures_apart(ti
     other.head_hidden_size = 4
     assert teacher_config_hash(DepthAnythingTeacher(DepthAnythingForDepthEstimation(other))) != \
         teacher_config_hash(tiny_teacher)
+    # Same architecture, other weights (another fine-tune saved under the same path): different.
+    assert teacher_config_hash(DepthAnythingTeacher.tiny(seed=1)) != teacher_config_hash(tiny_teacher)
 
 
 # --- reading: the cached target against the live teacher -------------------------------------------
