@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional

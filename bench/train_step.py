@@ -35,7 +35,6 @@ from typing import Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from bench.common import (Cycled, PeakRss, bench_config, build_teacher, count_parameters, current_rss, format_table,
                           machine, synchronize, write_json)
@@ -43,7 +42,7 @@ from modeling import DepthAnythingTeacher
 from trainer.cache_teacher import build_cache
 from trainer.config import Config
 from trainer.distill import DistillationModule, build_module, build_optimizer, build_student
-from trainer.main import build_datasets
+from trainer.main import build_datasets, build_loaders
 
 PHASES = ("data_loading", "teacher_forward", "student_forward_backward", "optimizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +114,7 @@ def runner_config(variant: Variant, args: argparse.Namespace, cache_dir: Path) -
     return bench_config(args.teacher_size, args.student_size, args.batch_size, args.workers, args.tiny, *overrides)
 
 
-def build_runner(variant: Variant, args: argparse.Namespace, device: torch.device, teacher: DepthAnythingTeacher,
+def build_runner(variant: Variant, args: argparse.Namespace, accelerator: Accelerator, teacher: DepthAnythingTeacher,
                  cache_dir: Path) -> Runner:
     cfg = runner_config(variant, args, cache_dir)
     torch.manual_seed(cfg.seed)  # every variant starts from the same student
@@ -124,13 +123,12 @@ def build_runner(variant: Variant, args: argparse.Namespace, device: torch.devic
         student.to(memory_format=torch.channels_last)
     if variant.compile:
         student.compile()
-    module = build_module(cfg, student, teacher).to(device).train()
+    module = build_module(cfg, student, teacher).to(accelerator.device).train()
     optimizer = build_optimizer(cfg, module)
-    # The trainer's own datasets: photos + TrainTransform, or with a cache CachedTeacherDataset.
+    # The trainer's own dataset (photos + TrainTransform, or with a cache CachedTeacherDataset) and loader.
     train, _, _ = build_datasets(cfg, teacher)
     length = (args.warmup + args.steps) * args.batch_size
-    loader = DataLoader(Cycled(train, length), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        pin_memory=device.type == "cuda")
+    loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, length), None, None)
     return Runner(variant, None if variant.cached else teacher, module, optimizer, iter(loader), cfg.optim.grad_clip,
                   type(train.dataset).__name__)
 
@@ -217,13 +215,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     variants = {name: VARIANTS[name] for name in args.variants}
     teachers = {dtype: teacher if dtype == "fp32" else copy.deepcopy(teacher).to(DTYPES[dtype])
                 for dtype in {v.teacher_dtype for v in variants.values()}}
+    accelerator = Accelerator(cpu=device.type == "cpu")  # only says the device to the trainer's helpers
     with tempfile.TemporaryDirectory(prefix="bench-teacher-cache-") as cache_dir:
         cache_dir = Path(cache_dir)
         if any(v.cached for v in variants.values()):
             # The sample photos' teacher maps, written by the trainer's own cache writer.
-            cfg = runner_config(VARIANTS["cached"], args, cache_dir)
-            build_cache(cfg, cache_dir, Accelerator(cpu=device.type == "cpu"), teacher)
-        runners = {name: build_runner(v, args, device, teachers[v.teacher_dtype], cache_dir)
+            build_cache(runner_config(VARIANTS["cached"], args, cache_dir), cache_dir, accelerator, teacher)
+        runners = {name: build_runner(v, args, accelerator, teachers[v.teacher_dtype], cache_dir)
                    for name, v in variants.items()}
         resident = (torch.cuda.memory_allocated(device) if device.type == "cuda"
                     else current_rss())
@@ -241,7 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                      "teacher_parameters": count_parameters(teacher),
                      "student": "mobilevit_xs + MiniDPT (preset widths, random weights)",
                      "student_parameters": count_parameters(student),
-                     "memory": ("peak torch.cuda.max_memory_allocated during the variant's steps" if device.type == "cuda"
+                     "memory": ("peak torch.cuda.max_memory_allocated during the variant's steps"
+                                if device.type == "cuda"
                                 else "peak process RSS during the variant's steps (sampled every 5 ms)"),
                      "resident_memory_mb_before_steps": resident / 2**20},
         "cached_targets_source": ("CachedTeacherDataset over fp16 safetensors shards written by "

@@ -135,14 +135,16 @@ def _fail_if_called(*args, **kwargs):
 
 @pytest.fixture
 def cli(monkeypatch, tmp_path, capsys):
-    """Runs `trainer.main.main` in an empty folder; any model build fails the test."""
+    """Runs `trainer.main.main` in an empty folder; building the student fails the test, and so
+    does building the teacher unless the call allows it."""
     import trainer.main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(trainer.main, "build_teacher", _fail_if_called)
     monkeypatch.setattr(trainer.main, "build_student", _fail_if_called)
+    build_teacher = trainer.main.build_teacher
 
-    def run(*overrides: str) -> tuple[int, str]:
+    def run(*overrides: str, teacher_allowed: bool = False) -> tuple[int, str]:
+        monkeypatch.setattr(trainer.main, "build_teacher", build_teacher if teacher_allowed else _fail_if_called)
         code = trainer.main.main(["--config", str(DEMO), f"output_dir={tmp_path / 'run'}", *overrides])
         return code, capsys.readouterr().err
 

@@ -121,27 +121,31 @@ def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None
                           f"or --overwrite to start over (or choose another run_name)")
 
 
-def check_folders(cfg: Config) -> None:
-    for key, folder in (("data.train_dir", cfg.data.train_dir), ("data.val_dir", cfg.data.val_dir),
-                        ("data.labeled_dir", cfg.data.labeled_dir), ("distill.teacher_cache", cfg.distill.teacher_cache)):
-        if folder is not None and not Path(folder).is_dir():
-            raise ConfigError(f"{key}: folder '{folder}' does not exist")
-
-
 def uses_live_teacher_features(cfg: Config) -> bool:
     """With a teacher cache, feature/attention terms still need the live teacher, unless
     `distill.cache_features=drop` drops them."""
     w = cfg.distill.weights
-    return (w.feature > 0 or w.attention > 0) and not (cfg.distill.teacher_cache and cfg.distill.cache_features == "drop")
+    dropped = cfg.distill.teacher_cache and cfg.distill.cache_features == "drop"
+    return (w.feature > 0 or w.attention > 0) and not dropped
 
 
-def build_datasets(cfg: Config, teacher):
-    """-> (train, validation or None, labeled or None). Errors name the config key to fix."""
+def select_photos(cfg: Config) -> tuple[list[Path], list[Path]]:
+    """Training and validation photos; runs before any model is built, so a missing or empty
+    folder is reported at once. Errors name the config key to fix."""
     d = cfg.data
+    for key, folder in (("data.train_dir", d.train_dir), ("data.val_dir", d.val_dir),
+                        ("data.labeled_dir", d.labeled_dir), ("distill.teacher_cache", cfg.distill.teacher_cache)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"{key}: folder '{folder}' does not exist")
     try:
-        train_paths, val_paths = train_val_paths(d.train_dir, d.val_dir, d.val_fraction, cfg.seed)
+        return train_val_paths(d.train_dir, d.val_dir, d.val_fraction, cfg.seed)
     except ValueError as error:  # an empty folder
         raise ConfigError(str(error)) from None
+
+
+def build_datasets(cfg: Config, teacher, train_paths: list[Path], val_paths: list[Path]):
+    """-> (train, validation or None, labeled or None)."""
+    d = cfg.data
     augment = TrainTransform(d.teacher_size, d.student_size, scale=tuple(d.crop_scale),
                              ratio=tuple(d.crop_ratio), hflip_prob=d.hflip_prob, color_jitter=d.color_jitter)
     plain = EvalTransform(d.teacher_size, d.student_size)
@@ -415,9 +419,9 @@ def export_final(cfg: Config, student) -> int:
 
 def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
     check_run_dir(cfg.run_dir, resume, overwrite)
-    check_folders(cfg)
+    train_paths, val_paths = select_photos(cfg)
     teacher = build_teacher(cfg)
-    train, val, labeled = build_datasets(cfg, teacher)
+    train, val, labeled = build_datasets(cfg, teacher, train_paths, val_paths)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
