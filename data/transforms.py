@@ -97,11 +97,12 @@ class EvalTransform:
 
 
 def check_input_sizes(teacher_size: int, student_size: int) -> None:
-    _check_multiple("teacher_size", teacher_size, TEACHER_MULTIPLE)
-    _check_multiple("student_size", student_size, STUDENT_MULTIPLE)
+    check_multiple("teacher_size", teacher_size, TEACHER_MULTIPLE)
+    check_multiple("student_size", student_size, STUDENT_MULTIPLE)
 
 
-def _check_multiple(name: str, value: int, multiple: int) -> None:
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    """ValueError naming `name` and the nearest valid sizes unless `value` is a positive multiple."""
     if value > 0 and value % multiple == 0:
         return
     below = value // multiple * multiple

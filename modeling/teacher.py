@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import huggingface_hub
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +51,11 @@ def tiny_config() -> DepthAnythingConfig:
 
 def _load_error(name: str, error: Exception) -> TeacherLoadError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    where = "offline mode (HF_HUB_OFFLINE) and it is not in the cache" if offline else "the model hub unreachable or the id wrong"
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: ask it rather than the environment.
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        where = "offline mode (HF_HUB_OFFLINE) and it is not in the cache"
+    else:
+        where = "the model hub unreachable or the id wrong"
     return TeacherLoadError(
         f"could not load teacher '{name}' ({where}: {reason}). Fixes: set teacher.name to a local "
         f"directory holding a downloaded checkpoint (config.json + model.safetensors), or run with "
@@ -89,7 +92,8 @@ class DepthAnythingTeacher(nn.Module):
             raise TeacherLoadError(f"teacher directory '{name}' does not exist; give a folder saved "
                                    f"with save_pretrained, a hub id, or 'tiny'")
         try:
-            model = DepthAnythingForDepthEstimation.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+            source = str(Path(name).expanduser()) if looks_local else name
+            model = DepthAnythingForDepthEstimation.from_pretrained(source)
         except (OSError, ValueError) as error:  # hub errors subclass OSError; bad ids raise ValueError
             raise _load_error(name, error) from None
         return cls(model, feature_layers)

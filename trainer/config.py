@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 # Kept here rather than imported from losses/metrics so that the configuration can be parsed and
@@ -23,8 +25,6 @@ ALIGN_MODES = ("none", "median", "scale_shift")
 METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "silog")
 LABELED_CROPS = ("eigen_nyu", "garg_kitti", "eigen_kitti")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TEACHER_PATCH = 14  # DINOv2 patch size: teacher inputs must be a multiple of it
-STUDENT_STRIDE = 32  # deepest MobileViT stage: student inputs must be a multiple of it
 
 
 class ConfigError(ValueError):
@@ -212,20 +212,16 @@ def _check_choice(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
 
 
-def _nearest_multiples(value: int, multiple: int) -> str:
-    low = max(multiple, value // multiple * multiple)
-    return f"{low} or {low + multiple}" if low != value else str(value)
-
-
 def validate(cfg: Config) -> None:
     """Range and choice checks that the types cannot express."""
     d, o, t = cfg.data, cfg.optim, cfg.train
-    _check(d.teacher_size > 0 and d.teacher_size % TEACHER_PATCH == 0, "data.teacher_size",
-           f"{d.teacher_size} must be a positive multiple of {TEACHER_PATCH} (the teacher's patch size), "
-           f"e.g. {_nearest_multiples(d.teacher_size, TEACHER_PATCH)}")
-    _check(d.student_size > 0 and d.student_size % STUDENT_STRIDE == 0, "data.student_size",
-           f"{d.student_size} must be a positive multiple of {STUDENT_STRIDE} (the student's deepest stride), "
-           f"e.g. {_nearest_multiples(d.student_size, STUDENT_STRIDE)}")
+    # The data pipeline owns the rule (14 = the teacher's patch, 32 = the student's deepest stride).
+    for key, value, multiple in (("data.teacher_size", d.teacher_size, TEACHER_MULTIPLE),
+                                 ("data.student_size", d.student_size, STUDENT_MULTIPLE)):
+        try:
+            check_multiple(key.split(".")[1], value, multiple)
+        except ValueError as error:
+            raise ConfigError(f"bad value for config key '{key}': {error}") from None
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction} must be in [0, 1)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",

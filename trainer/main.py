@@ -38,8 +38,7 @@ from trainer.cache_teacher import open_cache
 from trainer.checkpoint import (CheckpointError, all_finite, load_training_state, resume_candidates, save_student,
                                 save_training_state)
 from trainer.config import Config, ConfigError, flat_hparams, load_config, to_yaml
-from trainer.distill import (DistillationModule, build_module, build_optimizer, build_scheduler, build_student,
-                             build_teacher)
+from trainer.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
 from trainer.evaluate import evaluate, format_table
 from trainer.export import ExportError, export_student
 from trainer.faults import Fault

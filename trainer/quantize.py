@@ -137,7 +137,7 @@ def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if output_path.resolve() == onnx_path.resolve():
-        raise QuantizeError(f"--output {output_path} would overwrite the fp32 model")
+        raise QuantizeError(f"output {output_path} is the fp32 model itself; choose another path")
     if not calibration_images:
         raise QuantizeError("no calibration images given")
     try:
