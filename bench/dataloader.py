@@ -22,7 +22,7 @@ from typing import Optional
 from accelerate import Accelerator
 
 from bench.common import Cycled, bench_config, format_table, machine, write_json
-from trainer.main import build_datasets, build_loaders
+from trainer.main import build_datasets, build_loaders, select_photos
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def step_consumption(path: str) -> tuple[dict[str, float], dict]:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = bench_config(args.teacher_size, args.student_size, args.batch_size, args.workers, tiny=False)
-    train, _, _ = build_datasets(cfg, teacher=None)  # no cache: the teacher is not needed
+    train, _, _ = build_datasets(cfg, None, *select_photos(cfg))  # no cache: no teacher needed
     loader, _, _ = build_loaders(cfg, Accelerator(cpu=True), Cycled(train, args.items), None, None)
 
     start = time.perf_counter()
