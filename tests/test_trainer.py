@@ -257,3 +257,17 @@ def test_training_from_the_teacher_cache(tmp_path, photo_dir):
     stale = run_trainer(tiny_run_args(tmp_path / "stale", photo_dir, "data.teacher_size=56",
                                       f"distill.teacher_cache={cache}"), check=False)
     assert stale.returncode == 1 and "cache" in stale.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("student.backbone=mobilevit_zz", "timm does not know the student backbone 'mobilevit_zz'"),
+    ("teacher.name=./no/such/teacher", "teacher directory './no/such/teacher' does not exist"),
+    ("teacher.name=depth-anything/not-a-model", "HF_HUB_OFFLINE"),
+])
+def test_unloadable_models_are_one_line_errors(tmp_path, photo_dir, capsys, override, expected):
+    from trainer.main import main
+
+    assert main(tiny_run_args(tmp_path / "run", photo_dir, override)) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and expected in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
