@@ -58,9 +58,23 @@ def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return events
 
 
+def make_labeled_set(root: Path, count: int = 3) -> Path:
+    """Photos with a made-up metric depth (a left-to-right ramp, 1..5 m) as .npy ground truth."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "depth").mkdir()
+    for i, photo in enumerate(sorted((REPO / "data" / "samples").glob("*.jpg"))[:count]):
+        Image.open(photo).convert("RGB").resize((48, 40)).save(root / "images" / f"{i}.png")
+        np.save(root / "depth" / f"{i}.npy", np.tile(np.linspace(1.0, 5.0, 48, dtype=np.float32), (40, 1)))
+    return root
+
+
 def test_end_to_end_run(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
-    run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=2", "eval.every=2"))
+    labeled = make_labeled_set(tmp_path / "labeled")
+    run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=2", "eval.every=2",
+                              f"data.labeled_dir={labeled}"))
 
     assert (run_dir / "config.yaml").is_file()
     for name in ("student_best", "student_last"):
@@ -71,9 +85,10 @@ def test_end_to_end_run(tmp_path, photo_dir):
     events = scalar_events(run_dir)
     for tag in ("train/loss", "train/silog", "train/gradient_weighted", "train/feature", "train/grad_norm",
                 "train/images_per_s", "lr/decoder", "lr/encoder", "lr/adapters", "val_teacher/abs_rel",
-                "val_teacher/delta1", "samples/input_teacher_student_error"):
+                "val_teacher/delta1", "val_gt/abs_rel", "val_gt/num_images", "samples/input_teacher_student_error"):
         assert tag in events, f"missing TensorBoard tag {tag}; have {sorted(events)}"
     assert [step for step, _ in events["train/loss"]] == [1, 2, 3, 4]
+    assert all(value == 3 for _, value in events["val_gt/num_images"])
 
     report = json.loads((run_dir / "student.onnx.json").read_text())
     assert report["max_abs_diff_vs_pytorch"] < 1e-4
