@@ -255,7 +255,8 @@ class Trainer:
         elapsed = time.perf_counter() - self.time_of_log
         values["train/images_per_s"] = self.images_since_log * self.accelerator.num_processes / max(elapsed, 1e-9)
         for group in self.optimizer.param_groups:
-            values[f"lr/{group['name']}"] = group["lr"]
+            if not group["name"].endswith("_no_decay"):  # same lr as its decayed twin
+                values[f"lr/{group['name']}"] = group["lr"]
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm
         values["train/bad_images"] = self.progress.bad_images
