@@ -243,7 +243,10 @@ class CachedTeacherDataset(Dataset):
         path, size = self.paths[index], self.transform.student_size
         try:
             photo_hash, image = read_photo(path, self.max_side)
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            cached = self.cache.get(path, photo_hash)
+        except Exception as error:  # PIL's errors for bad files; StaleCacheError for a photo changed
+            # since caching. Either way one sample is skipped, not the run: raising here would stop
+            # one process's loader while the others wait for it in a collective.
             _warn_once(path, error)
             sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
             return self._select({**sample, "valid": torch.tensor(False), "index": index})
@@ -251,7 +254,7 @@ class CachedTeacherDataset(Dataset):
         views = self.transform.apply(image, params, teacher_view=self.with_teacher_image)
         left, upper, right, lower = params.box
         fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
-        disparity = crop_map(self.cache.get(path, photo_hash), fractions, size, params.flip)
+        disparity = crop_map(cached, fractions, size, params.flip)
         return self._select({**views, "teacher_disparity": disparity, "valid": torch.tensor(True), "index": index})
 
     def _select(self, sample: dict) -> dict:

@@ -35,7 +35,11 @@ def test_states_are_complete_and_only_the_last_k_are_kept(accelerator, prepared,
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
 
 
-def test_a_full_disk_keeps_the_previous_state(accelerator, prepared, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("disk_full_error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("PytorchStreamWriter failed writing file data/0: No space left on device"),  # torch.save
+])
+def test_a_full_disk_keeps_the_previous_state(accelerator, prepared, tmp_path, monkeypatch, caplog, disk_full_error):
     model, _ = prepared
     with torch.no_grad():
         model.weight.fill_(1.0)
@@ -43,7 +47,7 @@ def test_a_full_disk_keeps_the_previous_state(accelerator, prepared, tmp_path, m
 
     def disk_full(output_dir, **kwargs):
         (tmp_path / "checkpoints" / ".tmp_step_00000002" / "model.safetensors").write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise disk_full_error
 
     monkeypatch.setattr(accelerator, "save_state", disk_full)
     assert save_training_state(accelerator, tmp_path, 2, keep_last=1) is None
@@ -76,6 +80,10 @@ def test_student_copy_refuses_non_finite_weights_and_keeps_the_previous(student,
     broken = type(student)(decoder_width=16, head_width=8)
     with torch.no_grad():
         next(broken.parameters()).fill_(float("nan"))
+    assert not save_student(broken, target)
+    # NaN in BatchNorm running stats only (a forward that overflowed): refused too.
+    broken = type(student)(decoder_width=16, head_width=8)
+    next(b for name, b in broken.named_buffers() if name.endswith("running_var")).fill_(float("inf"))
     assert not save_student(broken, target)
     assert "non-finite" in caplog.text
     assert (target / "model.safetensors").read_bytes() == before

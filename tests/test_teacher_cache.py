@@ -210,14 +210,18 @@ def fresh(tmp_path, tiny_teacher):
     return cfg, paths, tmp_path / "cache"
 
 
-def test_changed_photo_is_refused_by_name(fresh, tiny_teacher):
+def test_changed_photo_is_refused_by_name(fresh, tiny_teacher, caplog):
     cfg, paths, _ = fresh
-    dataset = CachedTeacherDataset(paths, _plain(), _open(cfg, tiny_teacher, paths), with_teacher_image=False)
+    cache = _open(cfg, tiny_teacher, paths)
+    dataset = CachedTeacherDataset(paths, _plain(), cache, with_teacher_image=False)
     with Image.open(paths[1]) as image:
         image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(paths[1])
     assert dataset[0]["valid"]
+    # Mid-run, the changed photo is one skipped sample with a warning naming it, not a crash.
+    assert not dataset[1]["valid"]
+    assert f"{paths[1].name} changed since the teacher cache" in caplog.text
     with pytest.raises(StaleCacheError, match=rf"{paths[1].name} changed since the teacher cache"):
-        dataset[1]
+        cache.get(paths[1], "0" * 16)
 
 
 @pytest.mark.parametrize("field, value", [("teacher", "small"), ("teacher_config_hash", "0" * 16),
@@ -265,7 +269,7 @@ def test_unreadable_photo_is_skipped_then_invalid_and_workers_read_shards(tmp_pa
     torch.testing.assert_close(batch["teacher_disparity"], torch.stack([s["teacher_disparity"] for s in in_main]))
     Image.new("RGB", (SIDE, SIDE), (9, 9, 9)).save(broken, "JPEG")  # fixed later: now a changed photo
     with pytest.raises(StaleCacheError, match="broken.jpg changed"):
-        dataset[bad]
+        dataset.cache.get(broken, "0" * 16)
 
 
 # --- the command line ----------------------------------------------------------------------------

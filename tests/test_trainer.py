@@ -207,12 +207,28 @@ def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",
                                        "data.val_fraction=0"), launcher="cpu_2proc", fault="nan@1:1")
     output = result.stdout + result.stderr
-    assert output.count("non-finite loss or gradients, step skipped") == 1  # said once, by rank 0
+    assert output.count("non-finite loss, gradients or BatchNorm statistics, step skipped") == 1  # by rank 0
     events = scalar_events(run_dir)
     assert dict(events["train/nonfinite_steps"])[4] == 1
     assert all(np.isfinite(v) for _, v in events["train/grad_norm"])
     weights = load_file(run_dir / "student_last" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+    # The schedule counts optimizer steps, not steps x processes: after 4 steps of the demo's
+    # 5-step warm-up the factor is (4 + 1) / (5 + 1), skipped step included.
+    assert dict(events["lr/decoder"])[4] == pytest.approx(1e-3 * 5 / 6)
+
+
+def test_mid_epoch_position_is_carried_over_in_photos():
+    from accelerate import PartialState
+
+    from trainer.main import Progress, remap_epoch_position
+
+    PartialState()  # the trainer's logger speaks through Accelerate's process state
+    progress = Progress(batches_in_epoch=3, global_batch=8)  # saved on 4 processes x batch 2
+    remap_epoch_position(progress, 4)  # resumed on 2 processes x batch 2
+    assert (progress.batches_in_epoch, progress.global_batch) == (6, 4)
+    remap_epoch_position(progress, 4)  # same layout: nothing moves
+    assert progress.batches_in_epoch == 6
 
 
 def test_persistent_nan_stops_with_a_clear_error(tmp_path, photo_dir):
@@ -220,7 +236,7 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, photo_dir):
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=10", "train.max_nonfinite_steps=3",
                                        "train.save_every=1"), fault="nan@*", check=False)
     assert result.returncode == 2
-    assert "3 steps in a row had a non-finite loss" in result.stdout + result.stderr
+    assert "3 steps in a row had a non-finite loss, gradients or BatchNorm" in result.stdout + result.stderr
     assert not (run_dir / "student.onnx").exists()
     # Skipped steps leave the weights as they were: what was saved is finite and loadable.
     for state in (run_dir / "checkpoints").iterdir():

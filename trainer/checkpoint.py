@@ -31,7 +31,19 @@ class CheckpointError(RuntimeError):
 
 
 def all_finite(module: nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in module.parameters())
+    """Parameters and buffers: a skipped step can still leave NaN in BatchNorm running stats."""
+    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _everyone(accelerator: Accelerator, ok: bool) -> bool:
+    """Collective: True only if `ok` holds on every process, so all of them take the same branch."""
+    flag = torch.tensor(float(ok), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == accelerator.num_processes
 
 
 def complete_states(run_dir: Path) -> list[Path]:
@@ -62,20 +74,24 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
 
 
 def load_training_state(accelerator: Accelerator, candidates: list[Path]) -> Path:
-    """Load the first candidate that reads back; say which ones were skipped and why."""
+    """Collective: load the first candidate that reads back on every process; say which ones
+    were skipped and why. Agreeing matters: each process reads its own RNG file, and processes
+    resumed from different states would drift apart or hang in a collective."""
     for path in candidates:
         try:
             accelerator.load_state(str(path))
-            return path
+            ok = True
         except Exception as error:  # a truncated or corrupted file: try the previous state
-            logger.warning("training state %s is unreadable (%s: %s); trying an older one",
-                           path, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            logger.warning("training state %s is unreadable (%s); trying an older one", path, _first_line(error))
+            ok = False
+        if _everyone(accelerator, ok):
+            return path
     raise CheckpointError(f"none of the training states could be loaded: {', '.join(map(str, candidates))}")
 
 
 def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Optional[Path]:
     """Collective: every process calls it. Returns the new folder, or None if the save failed
-    (the failure is logged and the previous states are untouched)."""
+    on any process (the failure is logged and the previous states are untouched)."""
     root = Path(run_dir) / STATES_DIR
     final = root / f"{STATE_PREFIX}{step:08d}"
     tmp = root / f".tmp_{final.name}"
@@ -84,24 +100,28 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-    except OSError as error:  # disk full, quota, permissions
-        logger.error("could not save the training state at step %d (%s); the previous states are kept",
-                     step, error)
+    except OSError as error:
+        logger.error("could not create %s (%s)", tmp, _first_line(error))
         ok = False
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return final if ok else None
-    if not ok:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if _everyone(accelerator, ok):
+        try:
+            accelerator.save_state(str(tmp))
+        except Exception as error:  # disk full: OSError, or RuntimeError/SafetensorError from the writers
+            logger.error("could not save the training state at step %d (%s); the previous states are kept",
+                         step, _first_line(error))
+            ok = False
+    if not _everyone(accelerator, ok):  # a state missing one process's files is no state
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         return None
+    if not accelerator.is_main_process:
+        return final
     try:
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except OSError as error:
-        logger.error("could not finish the training state at step %d (%s)", step, error)
+        logger.error("could not finish the training state at step %d (%s)", step, _first_line(error))
         shutil.rmtree(tmp, ignore_errors=True)
         return None
     for old in complete_states(run_dir)[:-keep_last]:  # the newest good one is never among these
@@ -113,7 +133,7 @@ def save_student(student: nn.Module, path: Path) -> bool:
     """Main process only. Atomic like the training state; refuses non-finite weights."""
     path = Path(path)
     if not all_finite(student):
-        logger.error("not writing %s: the student has non-finite weights", path)
+        logger.error("not writing %s: the student has non-finite weights or buffers", path)
         return False
     tmp = path.with_name(f".tmp_{path.name}")
     try:
@@ -125,8 +145,8 @@ def save_student(student: nn.Module, path: Path) -> bool:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as error:
-        logger.error("could not write %s (%s); the previous copy is kept", path, error)
+    except Exception as error:  # disk full surfaces as OSError or as the writer's own error type
+        logger.error("could not write %s (%s); the previous copy is kept", path, _first_line(error))
         shutil.rmtree(tmp, ignore_errors=True)
         return False
     return True

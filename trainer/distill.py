@@ -95,11 +95,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int,
-                    num_processes: int) -> torch.optim.lr_scheduler.LambdaLR:
-    # Accelerate's prepared scheduler advances once per process on every optimizer step (its
-    # schedules count samples, not steps), so the step counts are scaled to match.
-    warmup = cfg.optim.warmup_steps * num_processes
-    total = total_steps * num_processes
-    ratio = cfg.optim.min_lr_ratio
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, ratio))
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step by the loop (Accelerate's `step_scheduler_with_optimizer`
+    is off), so its unit is the step whatever the number of processes."""
+    warmup, ratio = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total_steps, ratio))

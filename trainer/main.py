@@ -80,6 +80,7 @@ class Progress:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     best_value: float = math.nan
+    global_batch: int = 0  # photos per step over all processes when saved (to map a mid-epoch position)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -211,6 +212,7 @@ class Trainer:
         self.last_eval_step = -1
         self.fault = Fault.from_env()
         self.stop_agreed = False
+        self.float_buffers = [b for b in module.buffers() if b.is_floating_point()]
 
     @property
     def student(self):
@@ -222,8 +224,13 @@ class Trainer:
 
         This is the loop's one per-step synchronisation: four numbers in one all-reduce."""
         device = loss.device
+        # BatchNorm statistics were updated by the forward already: a NaN there is not undone by a skip.
+        buffers_bad = torch.zeros((), dtype=torch.bool, device=device)
+        if self.float_buffers:
+            buffers_bad = ~torch.stack([torch.isfinite(b).all() for b in self.float_buffers]).all().to(device)
         flags = torch.stack([n_valid.float().to(device), torch.tensor(float(n_images), device=device),
-                             (~torch.isfinite(loss)).float(), torch.tensor(float(self.stop.flag), device=device)])
+                             (~torch.isfinite(loss) | buffers_bad).float(),
+                             torch.tensor(float(self.stop.flag), device=device)])
         n_valid_all, n_images_all, nonfinite_ranks, stop_ranks = self.accelerator.reduce(flags, "sum").tolist()
         self.stop_agreed = stop_ranks > 0  # one process interrupted -> all stop at the same step
         self.progress.bad_images += int(n_images_all - n_valid_all)
@@ -239,8 +246,8 @@ class Trainer:
         if nonfinite_ranks:
             self.progress.nonfinite_steps += 1
             self.progress.nonfinite_in_a_row += 1
-            logger.warning(f"step {self.progress.step}: non-finite loss or gradients, step skipped "
-                           f"({self.progress.nonfinite_in_a_row} in a row)")
+            logger.warning(f"step {self.progress.step}: non-finite loss, gradients or BatchNorm statistics, "
+                           f"step skipped ({self.progress.nonfinite_in_a_row} in a row)")
         else:
             self.progress.nonfinite_in_a_row = 0
         self.scheduler.step()
@@ -320,7 +327,7 @@ class Trainer:
             loader = self.train_loader
             if progress.batches_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, progress.batches_in_epoch)
-            loss_sum, valid_sum, n_images = 0.0, 0, 0
+            loss_sum, valid_sum, n_images, term_sums = 0.0, 0, 0, {}
             for batch in loader:
                 progress.batches_in_epoch += 1
                 with acc.accumulate(self.module):
@@ -328,6 +335,8 @@ class Trainer:
                     loss, terms, n_valid, outputs = train_step(self.module, self.teacher, batch, acc,
                                                                cfg.train.channels_last, poison)
                     loss_sum, valid_sum = loss_sum + loss / accum, valid_sum + n_valid
+                    for name, value in terms.items():
+                        term_sums[name] = term_sums.get(name, 0.0) + value.float() / accum
                     n_images += len(batch["valid"])
                     if not acc.sync_gradients:
                         continue
@@ -335,12 +344,12 @@ class Trainer:
                 progress.step += 1
                 self.steps_since_log += 1
                 self.images_since_log += n_images
-                for name, value in {"loss": loss_sum, **terms}.items():
-                    self.sums[name] = self.sums.get(name, 0.0) + value.float()
-                loss_sum, valid_sum, n_images = 0.0, 0, 0
+                for name, value in {"loss": loss_sum, **term_sums}.items():
+                    self.sums[name] = self.sums.get(name, 0.0) + value
+                loss_sum, valid_sum, n_images, term_sums = 0.0, 0, 0, {}
                 if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    acc.print(f"error: {progress.nonfinite_in_a_row} steps in a row had a non-finite loss or "
-                              f"gradients; stopping (last good training state kept; lower optim.lr?)")
+                    acc.print(f"error: {progress.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
+                              f"or BatchNorm statistics; stopping (last good training state kept; lower optim.lr?)")
                     return EXIT_NONFINITE
                 if progress.step % cfg.log.log_every == 0:
                     values = self.log_scalars(grad_norm)
@@ -395,16 +404,31 @@ def build_loaders(cfg: Config, accelerator: Accelerator, train, val, labeled):
                   pin_memory=accelerator.device.type == "cuda")
     train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, **common)
 
-    def eval_loader(dataset):
-        return None if dataset is None else DataLoader(dataset, batch_size=cfg.eval.batch_size, **common)
+    val_loader = None if val is None else DataLoader(val, batch_size=cfg.eval.batch_size, **common)
+    # Ground truth keeps its own resolution, which may vary within a set (KITTI): one image a batch.
+    labeled_loader = None if labeled is None else DataLoader(labeled, batch_size=1, **common)
+    return train_loader, val_loader, labeled_loader
 
-    return train_loader, eval_loader(val), eval_loader(labeled)
+
+def remap_epoch_position(progress: Progress, global_batch: int) -> None:
+    """A run resumed on another number of processes (or batch size) shards the epoch differently:
+    carry the position over in photos, not in per-process batches."""
+    if progress.global_batch and progress.global_batch != global_batch and progress.batches_in_epoch:
+        photos_seen = progress.batches_in_epoch * progress.global_batch
+        progress.batches_in_epoch = photos_seen // global_batch
+        logger.warning(f"resumed with {global_batch} photos per step instead of {progress.global_batch}: "
+                       f"continuing epoch {progress.epoch} after ~{photos_seen} photos; the resumed run is "
+                       f"no longer bit-identical to an uninterrupted one")
+    progress.global_batch = global_batch
 
 
 def export_final(cfg: Config, student) -> int:
     """Main process only: export the best student (the last one if there was no evaluation)."""
     best = cfg.run_dir / "student_best"
     source = best if best.is_dir() else cfg.run_dir / "student_last"
+    if not source.is_dir() and not all_finite(student):
+        logger.error("no finite student to export (student_best/student_last were refused); nothing exported")
+        return EXIT_EXPORT
     try:
         model = StudentDepthModel.from_pretrained(str(source)) if source.is_dir() else student
         report = export_student(model, cfg.run_dir / "student.onnx", cfg.data.student_size,
@@ -426,9 +450,17 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
         mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The loop steps the scheduler once per counted optimizer step itself (skipped ones
+        # included), so the schedule is in steps whatever the process count or grad scaler does.
+        step_scheduler_with_optimizer=False)
     check_world_size(accelerator)
-    set_seed(cfg.seed, deterministic=cfg.train.deterministic)
+    set_seed(cfg.seed)
+    if cfg.train.deterministic:
+        # warn_only: some CUDA kernels (bilinear upsampling's backward) have no deterministic
+        # version; they warn instead of stopping the run. cuBLAS needs a fixed workspace.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator.wait_for_everyone()  # every process has checked the folder before it changes
     if accelerator.is_main_process:
         if overwrite and not resume:
@@ -453,7 +485,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
     train_loader, val_loader, labeled_loader = build_loaders(cfg, accelerator, train, val, labeled)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.optim.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * max(1, steps_per_epoch)
-    scheduler = build_scheduler(cfg, optimizer, total_steps, accelerator.num_processes)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
     module, optimizer, scheduler, train_loader = accelerator.prepare(module, optimizer, scheduler, train_loader)
     val_loader, labeled_loader = (accelerator.prepare(x) if x is not None else None
                                   for x in (val_loader, labeled_loader))
@@ -463,6 +495,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
         state = load_training_state(accelerator, resume_candidates(cfg.run_dir, resume))
         accelerator.print(f"resumed from {state} at step {progress.step} (epoch {progress.epoch}, "
                           f"batch {progress.batches_in_epoch})")
+    remap_epoch_position(progress, accelerator.num_processes * cfg.train.batch_size)
     accelerator.init_trackers("tensorboard", config=flat_hparams(cfg))
     trainer = Trainer(cfg, accelerator, module, teacher, optimizer, scheduler, train_loader, val_loader,
                       labeled_loader, progress, total_steps)
