@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -73,33 +74,39 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, d
     import onnxruntime as ort
 
     path = Path(path)
+    tmp = path.with_name(f".tmp_{path.name}")  # renamed into place only once checked
     student = student.float().eval().cpu()
     try:
-        _export(student, path, size, opset, dynamic_hw)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        _export(student, tmp, size, opset, dynamic_hw)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         # Batch 2 at the export size proves the dynamic batch axis; tolerance covers fp32 kernels.
         max_diff = _max_abs_diff(session, student, (2, 3, size, size))
+        if not max_diff <= atol:  # also catches NaN
+            raise ExportError(f"ONNX output differs from PyTorch by {max_diff:.3g} (> export.atol={atol})")
+        other = (1, 3, size + 64, size - 32 if size > 32 else size + 32)
+        try:
+            other_ok = _max_abs_diff(session, student, other) <= atol
+        except Exception:  # onnxruntime refuses the shape: the file is fixed-size
+            other_ok = False
+        report = {
+            "onnx": path.name, "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "input_layout": "NCHW float32, RGB, ImageNet-normalised",
+            "output_meaning": "relative inverse depth (disparity), >= 0, up to scale and shift",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "export_size": [size, size],
+            "dynamic_batch": True, "dynamic_hw": other_ok,
+            "accepted_sizes": "any H, W multiple of 32" if other_ok else f"{size}x{size} only",
+            "max_abs_diff_vs_pytorch": max_diff,
+        }
+        _add_metadata(tmp, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in report.items()})
+        os.replace(tmp, path)
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    except ExportError:
+        raise
     except Exception as error:
-        raise ExportError(f"ONNX export to {path} failed: {type(error).__name__}: "
-                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
-    if not max_diff <= atol:  # also catches NaN
-        raise ExportError(f"ONNX output differs from PyTorch by {max_diff:.3g} (> export.atol={atol})")
-    other = (1, 3, size + 64, size - 32 if size > 32 else size + 32)
-    try:
-        other_ok = _max_abs_diff(session, student, other) <= atol
-    except Exception:  # onnxruntime refuses the shape: the file is fixed-size
-        other_ok = False
-    report = {
-        "onnx": path.name, "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
-        "input_layout": "NCHW float32, RGB, ImageNet-normalised",
-        "output_meaning": "relative inverse depth (disparity), >= 0, up to scale and shift",
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "export_size": [size, size],
-        "dynamic_batch": True, "dynamic_hw": other_ok,
-        "accepted_sizes": "any H, W multiple of 32" if other_ok else f"{size}x{size} only",
-        "max_abs_diff_vs_pytorch": max_diff,
-    }
-    _add_metadata(path, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in report.items()})
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps(report, indent=2) + "\n")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ExportError(f"ONNX export to {path} failed: {type(error).__name__}: {reason}") from error
+    finally:
+        tmp.unlink(missing_ok=True)
     return report
 
 
@@ -117,6 +124,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.size % 32:
         parser.error(f"--size {args.size} must be a multiple of 32")
     checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        print(f"error: {checkpoint} is not a student folder (no config.json)", file=sys.stderr)
+        return 1
     output = Path(args.output) if args.output else checkpoint.parent / "student.onnx"
     student = StudentDepthModel.from_pretrained(str(checkpoint))
     try:
