@@ -113,8 +113,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         teacher.to(accelerator.device)
     # Inference only: the student goes to the device unwrapped; only the loader is sharded.
     student = StudentDepthModel.from_pretrained(str(checkpoint)).to(accelerator.device)
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size or cfg.eval.batch_size,
-                                            num_workers=cfg.data.num_workers))
+    # Ground truth keeps its own resolution, which may vary within a set (KITTI): one image a batch.
+    batch_size = args.batch_size or (1 if args.labeled else cfg.eval.batch_size)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers))
     metrics = evaluate(accelerator, student, loader, teacher, align=args.align or cfg.eval.align,
                        labeled=args.labeled, max_depth=max_depth)
     reference = "ground truth" if args.labeled else f"teacher {cfg.teacher.name}"
