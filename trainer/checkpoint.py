@@ -40,7 +40,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def _everyone(accelerator: Accelerator, ok: bool) -> bool:
+def all_processes_agree(accelerator: Accelerator, ok: bool) -> bool:
     """Collective: True only if `ok` holds on every process, so all of them take the same branch."""
     flag = torch.tensor(float(ok), device=accelerator.device)
     return accelerator.reduce(flag, "sum").item() == accelerator.num_processes
@@ -84,7 +84,7 @@ def load_training_state(accelerator: Accelerator, candidates: list[Path]) -> Pat
         except Exception as error:  # a truncated or corrupted file: try the previous state
             logger.warning("training state %s is unreadable (%s); trying an older one", path, _first_line(error))
             ok = False
-        if _everyone(accelerator, ok):
+        if all_processes_agree(accelerator, ok):
             return path
     raise CheckpointError(f"none of the training states could be loaded: {', '.join(map(str, candidates))}")
 
@@ -103,14 +103,14 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
     except OSError as error:
         logger.error("could not create %s (%s)", tmp, _first_line(error))
         ok = False
-    if _everyone(accelerator, ok):
+    if all_processes_agree(accelerator, ok):
         try:
             accelerator.save_state(str(tmp))
         except Exception as error:  # disk full: OSError, or RuntimeError/SafetensorError from the writers
             logger.error("could not save the training state at step %d (%s); the previous states are kept",
                          step, _first_line(error))
             ok = False
-    if not _everyone(accelerator, ok):  # a state missing one process's files is no state
+    if not all_processes_agree(accelerator, ok):  # a state missing one process's files is no state
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         return None

@@ -35,8 +35,8 @@ from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, Stal
                   UnlabeledImageDataset, train_val_paths)
 from modeling import StudentDepthModel, StudentLoadError, TeacherLoadError
 from trainer.cache_teacher import open_cache
-from trainer.checkpoint import (CheckpointError, all_finite, load_training_state, resume_candidates, save_student,
-                                save_training_state)
+from trainer.checkpoint import (CheckpointError, all_finite, all_processes_agree, load_training_state,
+                                resume_candidates, save_student, save_training_state)
 from trainer.config import Config, ConfigError, flat_hparams, load_config, to_yaml
 from trainer.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
 from trainer.evaluate import evaluate, format_table
@@ -308,7 +308,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def save_state(self) -> None:
-        if not all_finite(self.module):
+        if not all_processes_agree(self.accelerator, all_finite(self.module)):  # all skip, or none
             logger.error(f"step {self.progress.step}: weights are not finite; training state not saved")
             return
         path = save_training_state(self.accelerator, self.run_dir, self.progress.step, self.cfg.train.keep_last)
