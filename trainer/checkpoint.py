@@ -19,6 +19,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from trainer.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 STATES_DIR = "checkpoints"
@@ -33,11 +35,6 @@ class CheckpointError(RuntimeError):
 def all_finite(module: nn.Module) -> bool:
     """Parameters and buffers: a skipped step can still leave NaN in BatchNorm running stats."""
     return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def all_processes_agree(accelerator: Accelerator, ok: bool) -> bool:
@@ -82,7 +79,7 @@ def load_training_state(accelerator: Accelerator, candidates: list[Path]) -> Pat
             accelerator.load_state(str(path))
             ok = True
         except Exception as error:  # a truncated or corrupted file: try the previous state
-            logger.warning("training state %s is unreadable (%s); trying an older one", path, _first_line(error))
+            logger.warning("training state %s is unreadable (%s); trying an older one", path, first_line(error))
             ok = False
         if all_processes_agree(accelerator, ok):
             return path
@@ -101,14 +98,14 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
     except OSError as error:
-        logger.error("could not create %s (%s)", tmp, _first_line(error))
+        logger.error("could not create %s (%s)", tmp, first_line(error))
         ok = False
     if all_processes_agree(accelerator, ok):
         try:
             accelerator.save_state(str(tmp))
         except Exception as error:  # disk full: OSError, or RuntimeError/SafetensorError from the writers
             logger.error("could not save the training state at step %d (%s); the previous states are kept",
-                         step, _first_line(error))
+                         step, first_line(error))
             ok = False
     if not all_processes_agree(accelerator, ok):  # a state missing one process's files is no state
         if accelerator.is_main_process:
@@ -121,7 +118,7 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except OSError as error:
-        logger.error("could not finish the training state at step %d (%s)", step, _first_line(error))
+        logger.error("could not finish the training state at step %d (%s)", step, first_line(error))
         shutil.rmtree(tmp, ignore_errors=True)
         return None
     for old in complete_states(run_dir)[:-keep_last]:  # the newest good one is never among these
@@ -146,7 +143,7 @@ def save_student(student: nn.Module, path: Path) -> bool:
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     except Exception as error:  # disk full surfaces as OSError or as the writer's own error type
-        logger.error("could not write %s (%s); the previous copy is kept", path, _first_line(error))
+        logger.error("could not write %s (%s); the previous copy is kept", path, first_line(error))
         shutil.rmtree(tmp, ignore_errors=True)
         return False
     return True

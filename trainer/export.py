@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from trainer.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, d
     except ExportError:
         raise
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ExportError(f"ONNX export to {path} failed: {type(error).__name__}: {reason}") from error
+        raise ExportError(f"ONNX export to {path} failed: {first_line(error)}") from error
     finally:
         tmp.unlink(missing_ok=True)
     return report

@@ -172,7 +172,8 @@ def train_step(module, teacher, batch: dict, accelerator: Accelerator, channels_
     loss) so that every DDP process takes part in the gradient all-reduce."""
     valid = batch["valid"]
     n_valid = valid.sum()
-    keep = valid if bool(n_valid > 0) else torch.ones_like(valid)
+    any_valid = bool(n_valid > 0)  # one host sync, reused below
+    keep = valid if any_valid else torch.ones_like(valid)
     student_images = batch["student_image"][keep]
     if channels_last:
         student_images = student_images.contiguous(memory_format=torch.channels_last)
@@ -187,7 +188,7 @@ def train_step(module, teacher, batch: dict, accelerator: Accelerator, channels_
             teacher_disparity = teacher_out.disparity
     with accelerator.autocast():
         loss, terms, student_disparity = module(student_images, teacher_disparity, teacher_features)
-    if not bool(n_valid > 0):
+    if not any_valid:
         loss = loss * 0.0
     if poison:  # fault injection (tests only)
         loss = loss * float("nan")

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from data import list_images, load_rgb
+from trainer.errors import first_line
 from trainer.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
 from trainer.predict import load_predictor, onnx_input_size, preprocess
 
@@ -54,11 +55,6 @@ class QuantizeError(RuntimeError):
     """The int8 file could not be written or does not run; the fp32 file is untouched."""
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def _calibration_batch(calibration_images: Sequence[str | Path], size: int) -> torch.Tensor:
     """(N, 3, size, size) of the readable images, preprocessed like `trainer.predict`."""
     views = []
@@ -66,7 +62,7 @@ def _calibration_batch(calibration_images: Sequence[str | Path], size: int) -> t
         try:
             views.append(preprocess(load_rgb(path), size))
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            logger.warning("skipping unreadable image %s (%s)", path, _first_line(error))
+            logger.warning("skipping unreadable image %s (%s)", path, first_line(error))
     if not views:
         raise QuantizeError("none of the calibration images could be read")
     return torch.stack(views)
@@ -105,7 +101,7 @@ def _pre_process(source: Path, target: Path) -> Path:
         quant_pre_process(str(source), str(target), auto_merge=True)
     except Exception as error:
         logger.warning("quantisation pre-processing failed (%s); quantising the model as exported",
-                       _first_line(error))
+                       first_line(error))
         return source
     return target
 
@@ -154,7 +150,7 @@ def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str,
             _quantize(source, scratch_output, mode, images)
             report = _compare(onnx_path, scratch_output, images, size)
         except Exception as error:
-            raise QuantizeError(f"{mode} quantisation of {onnx_path} failed: {_first_line(error)}") from error
+            raise QuantizeError(f"{mode} quantisation of {onnx_path} failed: {first_line(error)}") from error
         if not all(math.isfinite(value) for value in report.values()):
             raise QuantizeError(f"{mode} int8 model gives non-finite disparity: {report}")
         output_path.parent.mkdir(parents=True, exist_ok=True)
