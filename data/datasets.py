@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,10 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import list_images, load_rgb
+from .images import describe_unreadable, list_images, load_rgb
 from .transforms import EvalTransform, TrainTransform
-
-logger = logging.getLogger(__name__)
 
 DEPTH_EXTENSIONS = (".png", ".npy", ".npz")
 
@@ -27,9 +24,6 @@ CROPS: dict[str, tuple[float, float, float, float]] = {
     "eigen_kitti": (0.3324324, 0.91351351, 0.0359477, 0.96405229),
 }
 
-# Files already reported by this process: a bad photo is hit once per epoch, but said once.
-_warned_paths: set[Path] = set()
-
 Transform = TrainTransform | EvalTransform
 
 
@@ -37,7 +31,10 @@ class UnlabeledImageDataset(Dataset):
     """Photos for distillation. Unreadable files give zero images with `valid=False`.
 
     Skipping inside the dataset would change its length mid-epoch; returning a masked sample
-    keeps the default collate working and lets the trainer count and ignore bad files.
+    keeps the default collate working and lets the trainer count and ignore bad files. Nothing is
+    logged here: DataLoader workers are separate processes, recreated every epoch, so a warning
+    from `__getitem__` would repeat each epoch and in each worker. The caller collects the
+    invalid `index` values and asks `unreadable_reason(index)` once per file, in its own process.
     """
 
     def __init__(self, paths: Sequence[Path], transform: Transform) -> None:
@@ -53,13 +50,21 @@ class UnlabeledImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        path = self.paths[index]
         try:
-            image = load_rgb(path, self.max_side)
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            _warn_once(path, error)
+            image = load_rgb(self.paths[index], self.max_side)
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             return {**_blank_views(self.transform), "valid": torch.tensor(False), "index": index}
         return {**self.transform(image), "valid": torch.tensor(True), "index": index}
+
+    def unreadable_reason(self, index: int) -> str:
+        """Why sample `index` comes out invalid, in one line ("truncated JPEG"), or "" if its
+        file decodes now. Decodes the file again, in the calling process."""
+        path = self.paths[index]
+        try:
+            load_rgb(path, self.max_side)
+        except Exception as error:
+            return describe_unreadable(path, error)
+        return ""
 
 
 class LabeledDepthDataset(Dataset):
@@ -183,10 +188,3 @@ def _blank_views(transform: Transform) -> dict[str, torch.Tensor]:
         "teacher_image": torch.zeros(3, transform.teacher_size, transform.teacher_size),
         "student_image": torch.zeros(3, transform.student_size, transform.student_size),
     }
-
-
-def _warn_once(path: Path, error: Exception) -> None:
-    if path in _warned_paths:
-        return
-    _warned_paths.add(path)
-    logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)

@@ -9,6 +9,9 @@ same parameters as the student's view. A cache folder holds:
     index.json   {path relative to train_dir: {"hash", "shard", "height", "width"}}; "shard" is null
                  for a file that could not be decoded (training marks it invalid anyway)
     meta.json    what produced the maps; written last, so a folder without it is incomplete
+
+The writer only writes into a folder that is missing, empty or already a cache, and a rebuild
+deletes only those names (and their `.tmp_` copies): a user's file beside them is never touched.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -28,19 +33,33 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from .datasets import _blank_views, _decode_max_side, _warn_once
-from .images import list_images, load_rgb, split_train_val
+from .datasets import _blank_views, _decode_max_side
+from .images import _first_line, describe_unreadable, list_images, load_rgb, split_train_val
 from .transforms import EvalTransform, TrainTransform
 
 CACHE_VERSION = 1
 META_FILE, INDEX_FILE = "meta.json", "index.json"
-SHARD_GLOB = "shard_r*.safetensors"
+SHARD_NAME = re.compile(r"shard_r\d+_\d+\.safetensors")
+TMP_PREFIX = ".tmp_"  # a file being written; renamed to its real name once complete
+META_KEYS = ("version", "teacher", "teacher_config_hash", "cache_size")  # every meta.json the writer made has these
+# Files an OS or a file browser drops into any folder it shows; they do not make a folder "used".
+FOLDER_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 MAPS_PER_SHARD = 256  # ~140 MB shards at cache_size 518: few files, each cheap to map
-REBUILD = "rebuild it with `python -m trainer.cache_teacher --config <your config>`"
 
 
 class StaleCacheError(ValueError):
     """The teacher cache does not match the run or the photos; the message says how to rebuild."""
+
+
+class CacheDirError(ValueError):
+    """The folder given for a new cache cannot take one: a file, a folder of other files, or one
+    that cannot be created. The message says what to choose instead."""
+
+
+def rebuild_hint(cache_dir: str | Path, verb: str = "rebuild") -> str:
+    # Always with --cache-dir: the cache may have been named by an override the config file lacks.
+    return (f"{verb} it with `python -m trainer.cache_teacher --config <your config> "
+            f"--cache-dir {shlex.quote(str(cache_dir))}`")
 
 
 def train_val_paths(
@@ -85,13 +104,14 @@ class CacheSourceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         size = self.transform.teacher_size
-        sample = {"key": relative_key(path, self.train_dir), "hash": "", "height": 0, "width": 0}
+        sample = {"key": relative_key(path, self.train_dir), "hash": "", "height": 0, "width": 0, "reason": ""}
         try:
             data = path.read_bytes()
             sample["hash"] = content_hash(data)
             image = load_rgb(io.BytesIO(data), self.max_side)
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            _warn_once(path, error)
+            # Not logged here (a worker process): the writer's loop logs `reason`, once per photo.
+            sample["reason"] = describe_unreadable(path, error)
             return {**sample, "image": torch.zeros(3, size, size), "valid": torch.tensor(False)}
         return {**sample, "height": image.height, "width": image.width,
                 "image": self.transform(image)["teacher_image"], "valid": torch.tensor(True)}
@@ -132,22 +152,86 @@ class ShardWriter:
         if not self._pending:
             return
         path = self.cache_dir / self._current_shard
-        tmp = path.with_name(f".tmp_{path.name}")
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
         save_file(self._pending, str(tmp))
+        # safetensors creates its file 0600; a cache is data others (a training job run by another
+        # user, a teammate) read, so give it the mode any other new file gets.
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
         self.bytes_written += path.stat().st_size
         self._pending = {}
         self._num_shards += 1
 
 
-def clear_cache(cache_dir: str | Path) -> None:
-    """Remove a previous cache's files (meta first, so it stops counting as complete at once);
-    other files in the folder are left alone."""
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask (0644 with the usual 022)."""
+    umask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def check_cache_dir(cache_dir: str | Path) -> list[Path]:
+    """-> the files of a previous cache in `cache_dir`: the only files a rebuild may delete (none
+    for a missing or empty folder). Raises CacheDirError for a file, or for a folder holding other
+    files and no teacher cache: those are someone's, and must be neither deleted nor mixed with a
+    cache. Read-only, so every process may call it before the main process clears anything."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for name in (META_FILE, INDEX_FILE):
-        (cache_dir / name).unlink(missing_ok=True)
-    for path in [*cache_dir.glob(SHARD_GLOB), *cache_dir.glob(".tmp_*")]:
+    if not cache_dir.exists():
+        return []
+    if not cache_dir.is_dir():
+        raise CacheDirError(f"{cache_dir} is a file, not a folder; choose an empty or new --cache-dir")
+    entries = [path for path in cache_dir.iterdir() if path.name not in FOLDER_LITTER]
+    own = [path for path in entries if _is_cache_file(path)]
+    # A meta.json or index.json the writer did not make would be overwritten by the new cache.
+    clashing = [path.name for path in entries if path.name in (META_FILE, INDEX_FILE) and path not in own]
+    if (entries and not own) or clashing:
+        raise CacheDirError(f"{cache_dir} holds files that are not a teacher cache; choose an empty or new "
+                            f"--cache-dir")
+    return own
+
+
+def _is_cache_file(path: Path) -> bool:
+    name = path.name.removeprefix(TMP_PREFIX)
+    if not path.is_file() or not (name in (META_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(name)):
+        return False
+    if path.name == META_FILE:
+        return _is_cache_meta(path)
+    if path.name == INDEX_FILE:
+        return _is_cache_index(path)
+    return True  # shard_r*_*.safetensors and any .tmp_ copy: names only this writer uses
+
+
+def _is_cache_meta(path: Path) -> bool:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(meta, dict) and all(key in meta for key in META_KEYS)
+
+
+def _is_cache_index(path: Path) -> bool:
+    # Only the start: an index of a million photos is ~100 MB, and every process checks the folder.
+    # The writer's index is compact JSON with sorted keys: '{"a.jpg": {"hash": ..., "shard": ...'.
+    try:
+        with open(path, "rb") as file:
+            head = file.read(1 << 16).strip()
+    except OSError:
+        return False
+    return head == b"{}" or (head.startswith(b'{"') and b'"shard": ' in head)
+
+
+def clear_cache(cache_dir: str | Path) -> None:
+    """Create `cache_dir`, or remove a previous cache's files from it (meta first, so it stops
+    counting as complete at once); other files in the folder are left alone. Refuses (CacheDirError)
+    a folder that `check_cache_dir` refuses."""
+    cache_dir = Path(cache_dir)
+    own = check_cache_dir(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheDirError(f"cannot create cache folder {cache_dir} ({type(error).__name__}: {error}); "
+                            f"choose another --cache-dir") from None
+    for path in sorted(own, key=lambda path: path.name != META_FILE):
         path.unlink()
 
 
@@ -156,8 +240,9 @@ def write_index(cache_dir: str | Path, entries: dict[str, dict], meta: dict) -> 
     either the complete cache or one without meta.json, never a half-written file."""
     for name, content in ((INDEX_FILE, entries), (META_FILE, {"version": CACHE_VERSION, **meta})):
         path = Path(cache_dir) / name
-        tmp = path.with_name(f".tmp_{name}")
+        tmp = path.with_name(f"{TMP_PREFIX}{name}")
         tmp.write_text(json.dumps(content, indent=1 if name == META_FILE else None, sort_keys=True))
+        os.chmod(tmp, new_file_mode())  # what write_text gave it, unless a previous tmp file lingered
         os.replace(tmp, path)
 
 
@@ -175,30 +260,30 @@ class TeacherCache:
              paths: Sequence[Path], train_dir: str | Path) -> TeacherCache:
         """Check that the cache was made by this teacher at this size and covers `paths`."""
         cache_dir = Path(cache_dir)
+        rebuild = rebuild_hint(cache_dir)
         if not cache_dir.is_dir():
-            raise StaleCacheError(f"teacher cache {cache_dir} does not exist; build it with "
-                                  f"`python -m trainer.cache_teacher --config <your config>`")
+            raise StaleCacheError(f"teacher cache {cache_dir} does not exist; {rebuild_hint(cache_dir, 'build')}")
         if not (cache_dir / META_FILE).is_file() or not (cache_dir / INDEX_FILE).is_file():
             raise StaleCacheError(f"teacher cache {cache_dir} is incomplete (no {META_FILE}: its writing was "
-                                  f"interrupted); {REBUILD}")
+                                  f"interrupted); {rebuild}")
         meta = json.loads((cache_dir / META_FILE).read_text())
         expected = {"version": CACHE_VERSION, "teacher": teacher_name,
                     "teacher_config_hash": teacher_config_hash, "cache_size": cache_size}
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise StaleCacheError(f"teacher cache {cache_dir} has {key}={meta.get(key)!r} but this run "
-                                      f"needs {value!r}; {REBUILD}")
+                                      f"needs {value!r}; {rebuild}")
         index = json.loads((cache_dir / INDEX_FILE).read_text())
         keys = [relative_key(path, train_dir) for path in paths]
         missing = [key for key in keys if key not in index]
         if missing:
             raise StaleCacheError(f"{len(missing)} of {len(keys)} training images are not in teacher cache "
-                                  f"{cache_dir} (first: {missing[0]}); {REBUILD}")
+                                  f"{cache_dir} (first: {missing[0]}); {rebuild}")
         shards = {index[key]["shard"] for key in keys} - {None}
         absent = sorted(shard for shard in shards if not (cache_dir / shard).is_file())
         if absent:
             raise StaleCacheError(f"teacher cache {cache_dir} lacks {len(absent)} shard file(s) "
-                                  f"(first: {absent[0]}); {REBUILD}")
+                                  f"(first: {absent[0]}); {rebuild}")
         return cls(cache_dir, index, cache_size, Path(train_dir))
 
     def __getstate__(self) -> dict:
@@ -216,8 +301,12 @@ class TeacherCache:
         """-> (1, cache_size, cache_size) float32 teacher disparity of the whole photo."""
         key = relative_key(path, self.train_dir)
         entry = self.index[key]
-        if entry["hash"] != content_hash or entry["shard"] is None:
-            raise StaleCacheError(f"{path} changed since the teacher cache {self.cache_dir} was written; {REBUILD}")
+        if entry["hash"] != content_hash:
+            raise StaleCacheError(f"{path} changed since the teacher cache {self.cache_dir} was written; "
+                                  f"{rebuild_hint(self.cache_dir)}")
+        if entry["shard"] is None:  # unchanged, yet it decodes now: e.g. pillow-heif installed since
+            raise StaleCacheError(f"{path} could not be decoded when the teacher cache {self.cache_dir} was written, "
+                                  f"so it has no teacher map; {rebuild_hint(self.cache_dir)}")
         return self._shard(entry["shard"]).get_tensor(content_hash).float()
 
 
@@ -227,7 +316,8 @@ class CachedTeacherDataset(Dataset):
 
     Returns {"student_image": (3, s, s), "teacher_disparity": (1, s, s) float32, "valid", "index"},
     plus "teacher_image": (3, t, t) when `with_teacher_image` (feature terms still need the live
-    teacher). Unreadable files give zeros with valid=False, as in `UnlabeledImageDataset`.
+    teacher). Unreadable files, and photos changed since caching, give zeros with valid=False and
+    log nothing, as in `UnlabeledImageDataset`; `unreadable_reason(index)` says why.
     """
 
     def __init__(self, paths: Sequence[Path], transform: TrainTransform, cache: TeacherCache,
@@ -244,10 +334,9 @@ class CachedTeacherDataset(Dataset):
         try:
             photo_hash, image = read_photo(path, self.max_side)
             cached = self.cache.get(path, photo_hash)
-        except Exception as error:  # PIL's errors for bad files; StaleCacheError for a photo changed
-            # since caching. Either way one sample is skipped, not the run: raising here would stop
-            # one process's loader while the others wait for it in a collective.
-            _warn_once(path, error)
+        except Exception:  # PIL's errors for bad files; StaleCacheError for a photo changed since
+            # caching. Either way one sample is skipped, not the run: raising here would stop one
+            # process's loader while the others wait for it in a collective.
             sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
             return self._select({**sample, "valid": torch.tensor(False), "index": index})
         params = self.transform.sample_params(image)
@@ -256,6 +345,23 @@ class CachedTeacherDataset(Dataset):
         fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
         disparity = crop_map(cached, fractions, size, params.flip)
         return self._select({**views, "teacher_disparity": disparity, "valid": torch.tensor(True), "index": index})
+
+    def unreadable_reason(self, index: int) -> str:
+        """Why sample `index` comes out invalid, in one line: the photo's decoding problem
+        ("truncated JPEG"), or the StaleCacheError message for a photo changed since caching;
+        "" if it loads now. Reads the photo and its map again, in the calling process."""
+        path = self.paths[index]
+        try:
+            photo_hash, _ = read_photo(path, self.max_side)
+        except Exception as error:
+            return describe_unreadable(path, error)
+        try:
+            self.cache.get(path, photo_hash)
+        except StaleCacheError as error:
+            return str(error)
+        except Exception as error:  # a damaged shard: safetensors' own errors
+            return f"its teacher map in {self.cache.cache_dir} cannot be read ({_first_line(error)})"
+        return ""
 
     def _select(self, sample: dict) -> dict:
         if not self.with_teacher_image:

@@ -1,28 +1,36 @@
 """Tests for data/: file discovery, decoding, splitting, transforms and datasets."""
 
+import importlib.util
 import io
 import logging
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from data import (
     CROPS,
+    IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalTransform,
+    ImageScan,
     LabeledDepthDataset,
     TrainTransform,
     UnlabeledImageDataset,
+    describe_unreadable,
+    first_readable,
     list_images,
     load_rgb,
+    scan_images,
     split_train_val,
 )
+from data import images as images_module
 
 SAMPLES = Path(__file__).parents[1] / "data" / "samples"
 # Small valid sizes keep the tests fast: 98 = 7 * 14 and 64 = 2 * 32 (each view then stays under
@@ -35,6 +43,12 @@ def _noise_jpeg_bytes(width: int = 128, height: int = 96) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -73,9 +87,30 @@ def test_list_images_recursive_case_insensitive_sorted(tmp_path):
 def test_list_images_missing_and_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images(tmp_path / "nope")
-    (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match=r"no images \(jpg/jpeg/png/webp/bmp/tiff\) found under"):
+    with pytest.raises(ValueError, match="found under .*; it is empty$"):
         list_images(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    for name in ("a.CR2", "b.cr2", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"raw")
+    # The one line names what the folder holds instead, e.g. camera RAW files it cannot read.
+    with pytest.raises(ValueError, match=r"^no images \(jpg/jpeg/png/webp/bmp/tif/tiff/heic/heif\) found under "
+                                         r".*; it holds 2 \.cr2, 1 \(hidden\), 1 \.txt$"):
+        list_images(tmp_path)
+
+
+def test_scan_images_counts_what_it_leaves_out_and_skips_hidden(tmp_path):
+    for name in ("b.jpg", "A.HEIC", "c.heif", "notes.txt", "README", "sub/d.png", "sub/e.CR2", "sub/f.cr2",
+                 ".DS_Store", "._b.jpg", "sub/.hidden.png", ".thumbnails/b.jpg", ".git/objects/x/y.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")  # never decoded: scanning goes by name
+    (tmp_path / "folder.jpg").mkdir()  # a folder with an image's name is not an image
+    scan = scan_images(tmp_path)
+    assert isinstance(scan, ImageScan)
+    assert [p.relative_to(tmp_path).as_posix() for p in scan.images] == ["A.HEIC", "b.jpg", "c.heif", "sub/d.png"]
+    # Hidden files and folders count once each; a hidden folder's contents are not walked.
+    assert scan.ignored == {".txt": 1, "(no extension)": 1, ".cr2": 2, "(hidden)": 5}
+    assert list_images(tmp_path) == scan.images
+    assert {".heic", ".heif"} <= set(IMAGE_EXTENSIONS)
 
 
 # --- load_rgb and the dataset's handling of bad files --------------------------------------------
@@ -162,15 +197,25 @@ def test_load_rgb_max_side(image_zoo):
     assert load_rgb(good["seven_by_three.png"], max_side=2).size == (2, 1)
 
 
-def test_dataset_marks_unreadable_files_invalid_and_warns_once(image_zoo, caplog):
+BAD_FILE_REASONS = {
+    "corrupt.jpg": "not an image (unknown format, first bytes ff e4 22 79)",
+    "truncated.jpg": "truncated JPEG",
+    "empty.jpg": "empty file",
+    "text.jpg": "not an image (text)",
+}
+
+
+def test_dataset_marks_unreadable_files_invalid_logs_nothing_and_says_why(image_zoo, caplog):
     folder, good, bad = image_zoo
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
     dataset = UnlabeledImageDataset.from_folder(folder, TrainTransform(TEACHER, STUDENT))
     assert len(dataset) == len(good) + len(bad)
 
-    with caplog.at_level(logging.WARNING, logger="data.datasets"):
-        for _ in range(2):  # a second epoch must not warn again
+    with caplog.at_level(logging.INFO):  # PIL's own chatter is DEBUG
+        for _ in range(2):  # a DataLoader worker is such a process, recreated every epoch
             samples = [dataset[i] for i in range(len(dataset))]
+    # The trainer's main process reports each bad file once; the dataset itself says nothing.
+    assert not caplog.records
 
     valid_names = {dataset.paths[s["index"]].name for s in samples if s["valid"]}
     invalid_names = {dataset.paths[s["index"]].name for s in samples if not s["valid"]}
@@ -181,13 +226,109 @@ def test_dataset_marks_unreadable_files_invalid_and_warns_once(image_zoo, caplog
         assert sample["student_image"].shape == (3, STUDENT, STUDENT)
         if not sample["valid"]:
             assert not sample["teacher_image"].any() and not sample["student_image"].any()
-    for path in bad.values():
-        assert sum(str(path) in record.getMessage() for record in caplog.records) == 1
-    assert len(caplog.records) == len(bad)
+    reasons = {dataset.paths[i].name: dataset.unreadable_reason(i) for i in range(len(dataset))}
+    assert {name: reason for name, reason in reasons.items() if reason} == BAD_FILE_REASONS
 
     batch = next(iter(DataLoader(dataset, batch_size=len(dataset))))
     assert batch["valid"].dtype == torch.bool
     assert int((~batch["valid"]).sum()) == len(bad)
+
+
+def test_describe_unreadable_names_the_problem(tmp_path):
+    contents = {
+        "page.jpg": b"\n<!DOCTYPE html><html><body>404 Not Found</body></html>",
+        "doc.png": b"%PDF-1.4\n%...",
+        "clip.jpg": b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom",
+        "half.png": _png_bytes()[:60],
+        "bmp_like_text.jpg": b"BMW parts list, not a bitmap",
+    }
+    expected = {
+        "page.jpg": "not an image (an HTML page, e.g. a download's error page)",
+        "doc.png": "not an image (a PDF)",
+        "clip.jpg": "not an image (ISO media of brand 'mp42', e.g. a video)",
+        "half.png": "truncated PNG",
+        "bmp_like_text.jpg": "not an image (text)",
+    }
+    for name, content in contents.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(Exception) as caught:
+            load_rgb(tmp_path / name)
+        assert describe_unreadable(tmp_path / name, caught.value) == expected[name], name
+    missing = describe_unreadable(tmp_path / "gone.jpg", FileNotFoundError("gone"))
+    assert missing.startswith("cannot be read (FileNotFoundError:") and "\n" not in missing
+
+
+def test_first_readable_returns_the_first_good_file_and_why_the_others_failed(image_zoo):
+    _, good, bad = image_zoo
+    order = [bad["empty.jpg"], bad["truncated.jpg"], good["gray.png"], bad["text.jpg"]]
+    assert first_readable(order) == (good["gray.png"], [(bad["empty.jpg"], "empty file"),
+                                                        (bad["truncated.jpg"], "truncated JPEG")])
+    none, failures = first_readable(map(str, bad.values()), max_side=64)
+    assert none is None and [(path.name, reason) for path, reason in failures] == list(BAD_FILE_REASONS.items())
+    assert first_readable([]) == (None, [])
+
+
+# --- HEIC/HEIF -----------------------------------------------------------------------------------
+
+# The start of a HEIC file: an ISO-BMFF `ftyp` box, major brand "heic", compatible "mif1" and "heic".
+HEIC_FTYP = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"
+
+
+@pytest.fixture(scope="module")
+def heic_bytes() -> bytes:
+    """A 40x20 HEIC with a red marker in its top-left corner and EXIF orientation 6, encoded by
+    pillow-heif (some builds of it can only decode: then the tests that need a real file skip)."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    if not pillow_heif.libheif_info().get("HEIF"):
+        pytest.skip("this pillow-heif build has no HEVC encoder")
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, "HEIF", exif=exif, quality=90)
+    assert buffer.getvalue()[4:12] == b"ftypheic"
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["IMG_0001.HEIC", "photo.heif", "renamed.jpg"])
+def test_load_rgb_reads_heic_whatever_its_name(tmp_path, heic_bytes, name):
+    (tmp_path / name).write_bytes(heic_bytes)
+    assert list_images(tmp_path) == [tmp_path / name]
+    image = load_rgb(tmp_path / name)
+    assert image.mode == "RGB"
+    # HEIF keeps orientation in its own transform boxes (this file has none), which the decoder
+    # applies; pillow-heif then resets the EXIF tag, so exif_transpose must not rotate it again.
+    assert image.size == (40, 20)
+    pixels = np.asarray(image).astype(int)
+    assert pixels[2, 2, 0] > 200 and pixels[2, 2, 1] < 60 and pixels[2, 37, 0] < 60
+    assert load_rgb(tmp_path / name, max_side=10).size == (10, 5)
+
+
+def test_describe_unreadable_heic_with_a_jpg_name(tmp_path, monkeypatch):
+    damaged = tmp_path / "IMG_0001.jpg"
+    damaged.write_bytes(HEIC_FTYP + bytes(200))
+    with pytest.raises(Exception) as caught:
+        load_rgb(damaged)
+    assert describe_unreadable(damaged, caught.value).startswith("a HEIC photo with a .jpg name, corrupt (")
+    # Without pillow-heif's opener PIL cannot even identify the file: the reason says what to install.
+    monkeypatch.setattr(Image, "ID", [name for name in Image.ID if name != "HEIF"])
+    for path in (damaged, tmp_path / "IMG_0002.HEIC"):
+        path.write_bytes(HEIC_FTYP + bytes(200))
+        with pytest.raises(UnidentifiedImageError) as caught:
+            load_rgb(path)
+        what = "a HEIC photo with a .jpg name" if path.suffix == ".jpg" else "a HEIC photo"
+        assert describe_unreadable(path, caught.value) == \
+            f"{what}; pillow-heif is needed to read it (pip install pillow-heif)"
+
+
+def test_images_module_imports_without_pillow_heif(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # makes `import pillow_heif` fail
+    spec = importlib.util.spec_from_file_location("images_without_heif", images_module.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # a fresh copy of data/images.py, not the real one
+    spec.loader.exec_module(module)
+    assert module.pillow_heif is None and ".heic" in module.IMAGE_EXTENSIONS
 
 
 # --- split_train_val ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 (writing, CLI). Known answers: the live tiny teacher, and linear ramps that bilinear sampling keeps exact."""
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,9 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import DepthAnythingForDepthEstimation
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, CachedTeacherDataset, CropParams, StaleCacheError, TeacherCache,
-                  TrainTransform, UnlabeledImageDataset, train_val_paths)
-from data.teacher_cache import ShardWriter, content_hash, crop_map, write_index
+from data import (IMAGENET_MEAN, IMAGENET_STD, CacheDirError, CachedTeacherDataset, CropParams, StaleCacheError,
+                  TeacherCache, TrainTransform, UnlabeledImageDataset, train_val_paths)
+from data.teacher_cache import ShardWriter, check_cache_dir, clear_cache, content_hash, crop_map, write_index
 from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
 from trainer.cache_teacher import build_cache, main, open_cache, teacher_config_hash
@@ -211,15 +213,21 @@ def fresh(tmp_path, tiny_teacher):
 
 
 def test_changed_photo_is_refused_by_name(fresh, tiny_teacher, caplog):
-    cfg, paths, _ = fresh
+    cfg, paths, cache_dir = fresh
     cache = _open(cfg, tiny_teacher, paths)
     dataset = CachedTeacherDataset(paths, _plain(), cache, with_teacher_image=False)
     with Image.open(paths[1]) as image:
         image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(paths[1])
-    assert dataset[0]["valid"]
-    # Mid-run, the changed photo is one skipped sample with a warning naming it, not a crash.
-    assert not dataset[1]["valid"]
-    assert f"{paths[1].name} changed since the teacher cache" in caplog.text
+    with caplog.at_level(logging.INFO):
+        assert dataset[0]["valid"]
+        # Mid-run, the changed photo is one skipped sample, not a crash, and no log line from a
+        # worker: the trainer's main process asks why, once.
+        assert not dataset[1]["valid"]
+    assert not caplog.records
+    assert dataset.unreadable_reason(0) == ""
+    assert dataset.unreadable_reason(1) == (
+        f"{paths[1]} changed since the teacher cache {cache_dir} was written; rebuild it with "
+        f"`python -m trainer.cache_teacher --config <your config> --cache-dir {cache_dir}`")
     with pytest.raises(StaleCacheError, match=rf"{paths[1].name} changed since the teacher cache"):
         cache.get(paths[1], "0" * 16)
 
@@ -230,7 +238,8 @@ def test_other_teacher_or_size_is_refused(built, field, value):
     cfg, paths, cache_dir, _ = built
     args = {"teacher": "tiny", "teacher_config_hash": json.loads((cache_dir / "meta.json").read_text())[
         "teacher_config_hash"], "cache_size": TEACHER, field: value}
-    with pytest.raises(StaleCacheError, match=rf"has {field}=.* but this run needs .*rebuild it with"):
+    hint = rf"rebuild it with `python -m trainer.cache_teacher --config <your config> --cache-dir {cache_dir}`$"
+    with pytest.raises(StaleCacheError, match=rf"has {field}=.* but this run needs .*; {hint}"):
         TeacherCache.open(cache_dir, args["teacher"], args["teacher_config_hash"], args["cache_size"], paths,
                           cfg.data.train_dir)
 
@@ -247,29 +256,128 @@ def test_interrupted_cache_is_refused(fresh, tiny_teacher):
     (cache_dir / "meta.json").unlink()
     with pytest.raises(StaleCacheError, match="incomplete"):
         _open(cfg, tiny_teacher, paths)
-    with pytest.raises(StaleCacheError, match="does not exist"):
+    with pytest.raises(StaleCacheError, match=rf"does not exist; build it with .* --cache-dir {cache_dir / 'nope'}`"):
         TeacherCache.open(cache_dir / "nope", "tiny", "h", TEACHER, paths, cfg.data.train_dir)
 
 
-def test_unreadable_photo_is_skipped_then_invalid_and_workers_read_shards(tmp_path, tiny_teacher):
+def test_unreadable_photo_is_skipped_then_invalid_and_workers_read_shards(tmp_path, tiny_teacher, caplog):
     _square_photos(tmp_path / "photos")
     broken = tmp_path / "photos" / "broken.jpg"
     broken.write_bytes(b"not a JPEG")
     cfg = _config(tmp_path / "photos", f"distill.teacher_cache={tmp_path / 'cache'}")
-    summary = build_cache(cfg, tmp_path / "cache", teacher=tiny_teacher)
+    with caplog.at_level(logging.WARNING):
+        summary = build_cache(cfg, tmp_path / "cache", teacher=tiny_teacher)
     assert (summary["num_images"], summary["num_skipped"]) == (3, 1)
+    # The writer's loop says it once, with the reason; the dataset (in a worker) says nothing.
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("trainer.cache_teacher", f"skipping unreadable image {broken} (not an image (text))")]
     all_paths, _ = train_val_paths(cfg.data.train_dir, None, 0.0, cfg.seed)
     dataset = CachedTeacherDataset(all_paths, _plain(), _open(cfg, tiny_teacher, all_paths), with_teacher_image=True)
     in_main = [dataset[i] for i in range(len(dataset))]  # opens shard handles in this process first
     bad = all_paths.index(broken)
     assert not in_main[bad]["valid"] and not in_main[bad]["teacher_disparity"].any()
     assert in_main[bad]["teacher_image"].shape == (3, TEACHER, TEACHER)
+    assert dataset.unreadable_reason(bad) == "not an image (text)"
     batch = next(iter(DataLoader(dataset, batch_size=len(dataset), num_workers=1)))  # a forked worker
     assert batch["valid"].tolist() == [i != bad for i in range(len(dataset))]
     torch.testing.assert_close(batch["teacher_disparity"], torch.stack([s["teacher_disparity"] for s in in_main]))
     Image.new("RGB", (SIDE, SIDE), (9, 9, 9)).save(broken, "JPEG")  # fixed later: now a changed photo
     with pytest.raises(StaleCacheError, match="broken.jpg changed"):
         dataset.cache.get(broken, "0" * 16)
+
+
+def test_photo_unreadable_at_caching_time_is_named_as_such(tmp_path, tiny_teacher, monkeypatch):
+    """A HEIC cached before pillow-heif was installed: unchanged since, yet without a map."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    if not pillow_heif.libheif_info().get("HEIF"):
+        pytest.skip("this pillow-heif build has no HEVC encoder")
+    paths = _square_photos(tmp_path / "photos", count=2)
+    heic = tmp_path / "photos" / "IMG_0001.HEIC"
+    Image.new("RGB", (SIDE, SIDE), (200, 90, 30)).save(heic, "HEIF")
+    cfg = _config(tmp_path / "photos", f"distill.teacher_cache={tmp_path / 'cache'}")
+    with monkeypatch.context() as without_heif:
+        without_heif.setattr(Image, "ID", [name for name in Image.ID if name != "HEIF"])
+        assert build_cache(cfg, tmp_path / "cache", teacher=tiny_teacher)["num_skipped"] == 1
+    all_paths = sorted([*paths, heic])
+    dataset = CachedTeacherDataset(all_paths, _plain(), _open(cfg, tiny_teacher, all_paths), with_teacher_image=False)
+    index = all_paths.index(heic)
+    assert not dataset[index]["valid"]
+    assert dataset.unreadable_reason(index).startswith(
+        f"{heic} could not be decoded when the teacher cache {tmp_path / 'cache'} was written, so it has no teacher "
+        f"map; rebuild it with")
+
+
+# --- where the writer writes -----------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rebuild_keeps_the_users_files_and_removes_only_the_caches(fresh, tiny_teacher):
+    cfg, _, cache_dir = fresh
+    users = {"notes.txt": b"mine", ".tmp_draft.txt": b"also mine", "shard_notes.safetensors.bak": b"mine too",
+             "sub/index.json": b"{}"}
+    for name, content in users.items():
+        (cache_dir / name).parent.mkdir(exist_ok=True)
+        (cache_dir / name).write_bytes(content)
+    leftovers = [".tmp_shard_r0_00007.safetensors", ".tmp_meta.json", "shard_r5_00002.safetensors"]
+    for name in leftovers:  # an interrupted write, and a shard of a run on more processes
+        (cache_dir / name).write_bytes(b"old")
+    build_cache(cfg, cache_dir, teacher=tiny_teacher)
+    after = _tree(cache_dir)
+    assert {name: after.get(name) for name in users} == users
+    assert not set(leftovers) & set(after)
+    assert {"meta.json", "index.json", "shard_r0_00000.safetensors"} <= set(after)
+
+
+def test_a_folder_of_other_files_is_refused_and_left_untouched(tmp_path, tiny_teacher, capsys):
+    folder = tmp_path / "photos"
+    _square_photos(folder)
+    (folder / "index.json").write_text('{"album": "holiday"}')  # another tool's index: not a cache's
+    before = _tree(folder)
+    cfg = _config(folder)
+    message = f"{folder} holds files that are not a teacher cache; choose an empty or new --cache-dir"
+    with pytest.raises(CacheDirError, match=f"^{message}$"):
+        build_cache(cfg, folder, teacher=tiny_teacher)
+    with pytest.raises(CacheDirError, match=f"^{message}$"):
+        clear_cache(folder)
+    assert _tree(folder) == before
+    # A cache's shards beside a meta.json the writer did not make: writing would replace that file.
+    cache_like = tmp_path / "cache_like"
+    cache_like.mkdir()
+    (cache_like / "shard_r0_00000.safetensors").write_bytes(b"old")
+    (cache_like / "meta.json").write_text('{"title": "my project"}')
+    with pytest.raises(CacheDirError, match="not a teacher cache"):
+        clear_cache(cache_like)
+    assert sorted(p.name for p in cache_like.iterdir()) == ["meta.json", "shard_r0_00000.safetensors"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CacheDirError, match="is a file, not a folder"):
+        check_cache_dir(tmp_path / "a_file")
+
+
+def test_missing_or_empty_folder_is_taken(tmp_path):
+    assert check_cache_dir(tmp_path / "new" / "cache") == []
+    clear_cache(tmp_path / "new" / "cache")
+    assert (tmp_path / "new" / "cache").is_dir()
+    (tmp_path / "seen").mkdir()
+    (tmp_path / "seen" / ".DS_Store").write_bytes(b"Finder")  # what opening a folder in Finder leaves
+    clear_cache(tmp_path / "seen")
+    assert (tmp_path / "seen" / ".DS_Store").read_bytes() == b"Finder"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_cache_files_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        writer = ShardWriter(tmp_path, rank=0)
+        writer.add("a.png", "h0", 2, 2, torch.zeros(1, 2, 2))
+        writer.flush()  # safetensors alone would leave it 0600: unreadable to a teammate's training job
+        write_index(tmp_path, writer.entries, {"teacher": "fake", "teacher_config_hash": "h", "cache_size": 2})
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"shard_r0_00000.safetensors": mode, "index.json": mode, "meta.json": mode}
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -286,3 +394,42 @@ def test_cli_caches_the_training_split(tmp_path):
     train, val = train_val_paths(tmp_path / "photos", None, 0.25, 3)
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert sorted(index) == [p.name for p in train] and len(train) == 3 and val[0].name not in index
+
+
+def _write_config(path: Path, photos: Path) -> Path:
+    path.write_text(f"data:\n  train_dir: {photos}\n  val_fraction: 0.0\n  teacher_size: {TEACHER}\n"
+                    f"  student_size: {STUDENT}\n  num_workers: 0\nteacher:\n  name: tiny\n"
+                    f"train:\n  mixed_precision: 'no'\n")
+    return path
+
+
+@pytest.mark.parametrize("mistake, expected", [
+    ("missing train_dir", "data.train_dir: image folder"),
+    ("bad yaml", "bad.yaml"),
+    ("not a cache folder", "holds files that are not a teacher cache; choose an empty or new --cache-dir"),
+    ("unloadable teacher", "teacher directory './no/such/teacher' does not exist"),
+    ("stale cache", "teacher cache x is incomplete"),
+])
+def test_cli_reports_each_user_mistake_in_one_line(tmp_path, capsys, monkeypatch, mistake, expected):
+    photos = tmp_path / "photos"
+    _square_photos(photos, count=1)
+    config = _write_config(tmp_path / "run.yaml", photos)
+    args = ["--config", str(config), "--cache-dir", str(tmp_path / "cache")]
+    if mistake == "missing train_dir":
+        args.append(f"data.train_dir={tmp_path / 'nope'}")
+    elif mistake == "bad yaml":
+        (tmp_path / "bad.yaml").write_text("data:\n  train_dir: [unclosed\n")
+        args[1] = str(tmp_path / "bad.yaml")
+    elif mistake == "not a cache folder":
+        args[3] = str(photos)
+    elif mistake == "unloadable teacher":
+        args.append("teacher.name=./no/such/teacher")
+    else:
+        def stale(*_args, **_kwargs):
+            raise StaleCacheError("teacher cache x is incomplete")
+        monkeypatch.setattr("trainer.cache_teacher.build_cache", stale)
+    before = _tree(photos)
+    assert main(args) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and expected in error and len(error.splitlines()) == 1, error
+    assert _tree(photos) == before

@@ -5,6 +5,7 @@
 
 Training with `distill.teacher_cache=DIR` then reads the maps instead of running the teacher every
 step. The maps are of the whole photo at data.teacher_size; the trainer crops them like the photo.
+DIR must be missing, empty or a previous cache (which is replaced); any other folder is refused.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data.teacher_cache import (CacheSourceDataset, ShardWriter, TeacherCache, clear_cache, train_val_paths,
-                                write_index)
+from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, StaleCacheError, TeacherCache,
+                                check_cache_dir, clear_cache, train_val_paths, write_index)
 from modeling import DepthAnythingTeacher, TeacherLoadError
 from trainer.config import Config, ConfigError, load_config
 from trainer.distill import build_teacher
+
+logger = logging.getLogger(__name__)
 
 # Config fields that say how a model was saved (where, by which library version, in which dtype),
 # not what it computes: the same teacher loaded from memory, a folder or the hub hashes alike.
@@ -62,7 +65,8 @@ def open_cache(cfg: Config, teacher: DepthAnythingTeacher, train_paths: list[Pat
 def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accelerator] = None,
                 teacher: Optional[DepthAnythingTeacher] = None) -> dict:
     """Collective: every process caches its share of the training photos; the main process then
-    writes index.json and meta.json. Returns the summary numbers."""
+    writes index.json and meta.json. Returns the summary numbers. Raises ConfigError for a missing
+    or empty data.train_dir, CacheDirError for a folder that is not (and cannot become) a cache."""
     start = time.perf_counter()
     accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
     d, cache_dir = cfg.data, Path(cache_dir)
@@ -70,6 +74,7 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
         paths, _ = train_val_paths(d.train_dir, d.val_dir, d.val_fraction, cfg.seed)
     except (FileNotFoundError, ValueError) as error:  # a missing or empty folder
         raise ConfigError(f"data.train_dir: {error}") from None
+    check_cache_dir(cache_dir)  # on every process, so all of them stop together on a refusal
     teacher = (teacher or build_teacher(cfg)).to(accelerator.device)
     if accelerator.is_main_process:
         clear_cache(cache_dir)
@@ -91,6 +96,8 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
                     writer.add(key, batch["hash"][i], int(batch["height"][i]), int(batch["width"][i]), next(maps))
                 else:
                     writer.skip(key, batch["hash"][i])
+                    # Each photo is in one process's share and met once: one line per bad photo.
+                    logger.warning("skipping unreadable image %s (%s)", Path(d.train_dir) / key, batch["reason"][i])
     writer.flush()
 
     shares = gather_object([(writer.entries, writer.bytes_written)])
@@ -127,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cache_dir is None:
             raise ConfigError("no cache folder: pass --cache-dir DIR or set distill.teacher_cache")
         build_cache(cfg, cache_dir)
-    except (ConfigError, TeacherLoadError) as error:
+    except (ConfigError, TeacherLoadError, StaleCacheError, CacheDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
