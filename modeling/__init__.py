@@ -1,8 +1,9 @@
-"""Network definitions: the frozen teacher and the student. No ranks, files or logging here."""
+"""Network definitions: the frozen teacher and the student. No ranks, files or logging here,
+except `load_student`, which reads one saved student folder."""
 
 from modeling.decoder import MiniDPT
-from modeling.student import StudentDepthModel, StudentLoadError
+from modeling.student import StudentDepthModel, StudentLoadError, load_student
 from modeling.teacher import DepthAnythingTeacher, TeacherLoadError, TeacherOutput
 
 __all__ = ["DepthAnythingTeacher", "MiniDPT", "StudentDepthModel", "StudentLoadError",
-           "TeacherLoadError", "TeacherOutput"]
+           "TeacherLoadError", "TeacherOutput", "load_student"]

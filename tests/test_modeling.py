@@ -167,7 +167,8 @@ def test_student_save_load_round_trip(student, student_images, student_out, tmp_
     (folder / "README.md").unlink(missing_ok=True)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config == {"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8}
+    assert config == {"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8, "input_size": None,
+                      "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     loaded = StudentDepthModel.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(student_images), student_out[0])

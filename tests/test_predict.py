@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from trainer import predict, quantize
-from trainer.export import export_student
+from trainer import export, predict, quantize
 
 SIZE = 64
 # name -> (stored width, height), EXIF orientation; orientation 6 (rotate 90 degrees) swaps the sides.
@@ -21,11 +21,38 @@ UPRIGHT_SIZES = {"wide": (48, 32), "tall": (30, 50), "rotated": (40, 64), "wide_
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, student) -> tuple[Path, Path]:
-    """(checkpoint folder, fixed-size ONNX file) of the same tiny student."""
+    """(checkpoint folder recording input_size 64, fixed-size ONNX file) of the same tiny student.
+    The ONNX file comes from the export CLI without --size, so at the recorded size."""
+    from modeling import StudentDepthModel
+
     folder = tmp_path_factory.mktemp("models")
-    student.save_pretrained(folder / "student")
-    export_student(student, folder / "student.onnx", SIZE)
+    trained_at_64 = StudentDepthModel(decoder_width=16, head_width=8, input_size=SIZE)
+    trained_at_64.load_state_dict(student.state_dict())
+    trained_at_64.save_pretrained(folder / "student")
+    assert export.main(["--checkpoint", str(folder / "student")]) == 0
     return folder / "student", folder / "student.onnx"
+
+
+@pytest.fixture(scope="module")
+def old_checkpoint(tmp_path_factory, student) -> Path:
+    """A student folder saved before config.json recorded input_size."""
+    folder = tmp_path_factory.mktemp("old") / "student"
+    student.save_pretrained(folder)
+    assert "input_size" not in _without_new_keys(folder)
+    return folder
+
+
+def _without_new_keys(folder: Path) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    config = {key: value for key, value in config.items() if key not in ("input_size", "image_mean", "image_std")}
+    (folder / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def _one_error_line(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    return error
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +75,10 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint_maps(models, photos, tmp_path_factory) -> tuple[list[Path], Path]:
+    # No size: the checkpoint runs at the input_size it recorded, as its ONNX export does.
     output = tmp_path_factory.mktemp("checkpoint_maps")
     written = predict.predict_paths([photos / "photos", photos / "other" / "wide.jpg"], models[0], output,
-                                    size=SIZE, save_npy=True, batch_size=2)
+                                    save_npy=True, batch_size=2)
     return written, output
 
 
@@ -70,23 +98,171 @@ def test_checkpoint_maps_have_upright_original_sizes(checkpoint_maps):
 
 def test_cli_with_onnx_matches_checkpoint(models, photos, checkpoint_maps, tmp_path, capsys, caplog):
     output = tmp_path / "onnx_maps"
-    # No --size: the file's fixed 64x64 input wins over the default 256.
+    # No --size on either side: the file's fixed 64x64 input, and the checkpoint's recorded 64.
     code = predict.main([str(photos / "photos"), str(photos / "other" / "wide.jpg"), "--model", str(models[1]),
                          "--output", str(output), "--npy"])
     assert code == 0
-    assert capsys.readouterr().out.strip() == f"wrote 4 depth maps to {output} (1 skipped)"
+    assert capsys.readouterr().out.strip() == (f"wrote 4 depth maps to {output} (1 skipped: unreadable, see the "
+                                               f"warnings above)")
     assert [r.getMessage() for r in caplog.records if "broken.jpg" in r.getMessage()][0].startswith(
         "skipping unreadable image")
     for stem in UPRIGHT_SIZES:
         np.testing.assert_allclose(np.load(output / f"{stem}_depth.npy"),
-                                   np.load(checkpoint_maps[1] / f"{stem}_depth.npy"), atol=1e-4)
+                                   np.load(checkpoint_maps[1] / f"{stem}_depth.npy"), rtol=0, atol=1e-3)
+
+
+def test_cli_checkpoint_and_its_onnx_agree_without_size(models, photos, tmp_path, capsys):
+    photo = str(photos / "photos" / "tall.jpg")
+    for model, name in zip(models, ("checkpoint", "onnx")):
+        assert predict.main([photo, "--model", str(model), "--output", str(tmp_path / name), "--npy"]) == 0
+        assert capsys.readouterr().out.strip() == f"wrote 1 depth map to {tmp_path / name}"
+    from_checkpoint, from_onnx = (np.load(tmp_path / name / "tall_depth.npy") for name in ("checkpoint", "onnx"))
+    assert from_checkpoint.shape == (50, 30)
+    assert np.abs(from_checkpoint - from_onnx).max() < 1e-3
+
+
+def test_cli_old_checkpoint_runs_at_256_and_says_so(old_checkpoint, photos, tmp_path, capsys):
+    code = predict.main([str(photos / "photos" / "wide.png"), "--model", str(old_checkpoint),
+                         "--output", str(tmp_path / "out")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote 1 depth map to {tmp_path / 'out'}"
+    assert captured.err.strip() == (f"info: {old_checkpoint} records no input_size (saved before it was recorded); "
+                                    f"running at 256x256 (pass --size to choose)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["wide_depth.png"]  # no .npy without --npy
 
 
 def test_cli_without_a_readable_image_fails(models, photos, tmp_path, capsys):
     code = predict.main([str(photos / "photos" / "broken.jpg"), str(tmp_path / "missing.png"),
                          "--model", str(models[1]), "--output", str(tmp_path / "out")])
     assert code == 1
-    assert capsys.readouterr().out.strip() == f"wrote 0 depth maps to {tmp_path / 'out'} (2 skipped)"
+    captured = capsys.readouterr()
+    assert captured.out.strip() == (f"wrote 0 depth maps to {tmp_path / 'out'} (2 skipped: unreadable, see the "
+                                    f"warnings above)")
+    assert captured.err.strip() == "error: none of the 2 inputs could be read as an image"
+
+
+def test_cli_fixed_size_onnx_refuses_another_size(models, photos, tmp_path, capsys):
+    code = predict.main([str(photos / "photos"), "--model", str(models[1]), "--output", str(tmp_path / "out"),
+                         "--size", "96"])
+    assert code == 1
+    assert _one_error_line(capsys) == (f"error: {models[1]} accepts 64x64 inputs only, not 96x96; leave out --size "
+                                       f"or pass --size 64")
+    assert not (tmp_path / "out").exists()
+
+
+def _dynamic_onnx_that_only_takes_64(path: Path, batch: int) -> None:
+    """A graph whose H and W are declared dynamic but which only works at 64x64: it reshapes its input
+    to (batch, 3, 64, 64). With batch -1 another size can still run, giving maps of the wrong shape."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "shape"], ["fixed"]),
+         helper.make_node("ReduceMean", ["fixed"], ["disparity"], axes=[1], keepdims=1)],
+        "only_64",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("disparity", TensorProto.FLOAT, ["batch", 1, 64, 64])],
+        [helper.make_tensor("shape", TensorProto.INT64, [4], [batch, 3, 64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.metadata_props.add(key="accepted_sizes", value="64x64 only")
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("batch, failure", [
+    (1, "refuses 256x256 inputs ("),
+    (-1, "gives (16, 1, 64, 64) for 1 inputs of 256x256, not (1, 1, 256, 256)"),
+])
+def test_cli_onnx_refusing_the_size_names_what_it_accepts(photos, tmp_path, capsys, batch, failure):
+    model = tmp_path / "only_64.onnx"
+    _dynamic_onnx_that_only_takes_64(model, batch)
+    photo = str(photos / "photos" / "wide.png")
+    assert predict.main([photo, "--model", str(model), "--output", str(tmp_path / "out")]) == 1
+    error = _one_error_line(capsys)
+    assert error.startswith(f"error: {model} {failure}") and error.endswith("; it accepts 64x64 only")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert predict.main([photo, "--model", str(model), "--output", str(tmp_path / "out"), "--size", "64"]) == 0
+
+
+def test_cli_output_that_is_a_file(models, photos, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("notes")
+    assert predict.main([str(photos / "photos"), "--model", str(models[1]), "--output", str(readme)]) == 1
+    assert _one_error_line(capsys) == f"error: --output {readme} is a file; give a folder (it is created if missing)"
+    assert readme.read_text() == "notes"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("no_config", "is not a student folder (no config.json)"),
+    ("truncated_weights", "model.safetensors is corrupt or truncated"),
+    ("not_onnx", "broken.onnx is not an ONNX model ("),
+])
+def test_cli_corrupt_model(models, photos, tmp_path, capsys, damage, expected):
+    model = tmp_path / ("broken.onnx" if damage == "not_onnx" else "student")
+    if damage == "not_onnx":
+        model.write_bytes(b"junk")
+    else:
+        model.mkdir()
+    if damage == "truncated_weights":
+        (model / "config.json").write_text((models[0] / "config.json").read_text())
+        (model / "model.safetensors").write_bytes((models[0] / "model.safetensors").read_bytes()[:1000])
+    assert predict.main([str(photos / "photos"), "--model", str(model), "--output", str(tmp_path / "out")]) == 1
+    assert expected in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_to_overwrite_before_loading_the_model(models, photos, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "depth"
+    output.mkdir()
+    (output / "rotated_depth.png").write_bytes(b"mine")
+    (output / "wide_depth.npy").write_bytes(b"mine too")
+    arguments = [str(photos / "photos"), "--model", str(models[1]), "--output", str(output), "--npy"]
+    with monkeypatch.context() as patched:
+        patched.setattr(predict, "load_model", lambda *args: pytest.fail("the model was loaded"))
+        assert predict.main(arguments) == 1
+    assert _one_error_line(capsys) == (f"error: {output}/ already holds rotated_depth.png (and 1 more); pass "
+                                       f"--overwrite to replace them or choose another --output")
+    assert (output / "rotated_depth.png").read_bytes() == b"mine"
+    assert predict.main([*arguments, "--overwrite"]) == 0
+    assert (output / "rotated_depth.png").read_bytes() != b"mine"
+
+
+def test_cli_never_writes_over_an_input_photo(models, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("cat.png", "cat_depth.png"):
+        Image.new("RGB", (40, 30), (200, 100, 50)).save(folder / name)
+    before = (folder / "cat_depth.png").read_bytes()
+    assert predict.main([str(folder), "--model", str(models[1]), "--output", str(folder), "--overwrite"]) == 1
+    assert _one_error_line(capsys) == (f"error: {folder / 'cat_depth.png'} would replace the input photo "
+                                       f"{folder / 'cat_depth.png'}; choose another --output")
+    assert (folder / "cat_depth.png").read_bytes() == before
+
+
+def test_cli_side_by_side(models, photos, tmp_path, capsys):
+    import matplotlib
+
+    output = tmp_path / "out"
+    assert predict.main([str(photos / "photos" / "wide.png"), "--model", str(models[1]), "--output", str(output),
+                         "--side-by-side"]) == 0
+    assert sorted(p.name for p in output.iterdir()) == ["wide_compare.png", "wide_depth.png"]
+    compare = np.asarray(Image.open(output / "wide_compare.png"))
+    photo = np.asarray(Image.open(photos / "photos" / "wide.png"))
+    depth = np.asarray(Image.open(output / "wide_depth.png"))
+    width, height = UPRIGHT_SIZES["wide"]
+    assert compare.shape[0] == height and 2 * width + 10 < compare.shape[1] <= 2 * width + 80
+    assert np.array_equal(compare[:, :width], photo) and np.array_equal(compare[:, width:2 * width], depth)
+    # The colour bar runs from the colormap's high end (near) at the top to its low end (far) at the bottom.
+    near, far = (np.round(np.array(matplotlib.colormaps["Spectral_r"](end)[:3]) * 255) for end in (1.0, 0.0))
+    legend = compare[:, 2 * width:].astype(float)
+    bar_columns = [x for x in range(legend.shape[1])
+                   if np.array_equal(legend[0, x], near) and np.array_equal(legend[-1, x], far)]
+    assert len(bar_columns) >= 5
+
+
+def test_side_by_side_of_a_tall_photo_is_scaled_down():
+    photo = Image.new("RGB", (40, 2048), (10, 20, 30))
+    compare = predict.side_by_side_image(photo, photo.copy(), "magma")
+    assert compare.height == predict.COMPARE_MAX_HEIGHT and compare.width > 2 * 20
 
 
 def test_output_stems_are_unique_and_deterministic():
@@ -142,14 +318,40 @@ def test_static_quantization(models, photos, tmp_path):
     print(quantize.format_report(report))
 
 
-def test_quantize_cli_failure_leaves_fp32_alone(models, photos, tmp_path, capsys):
+@pytest.mark.parametrize("content", [b"not a model", b"", "truncated"])
+def test_quantize_cli_failure_leaves_fp32_alone(models, photos, tmp_path, capsys, content):
     calibration = ["--calibration", str(photos / "photos")]
     broken = tmp_path / "broken.onnx"
-    broken.write_bytes(b"not a model")
+    content = models[1].read_bytes()[:5000] if content == "truncated" else content
+    broken.write_bytes(content)
     assert quantize.main(["--onnx", str(broken), "--output", str(tmp_path / "int8.onnx"), *calibration]) == 1
-    assert broken.read_bytes() == b"not a model" and not (tmp_path / "int8.onnx").exists()
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error
+    assert broken.read_bytes() == content and not (tmp_path / "int8.onnx").exists()
+    _one_error_line(capsys)
+
+
+def test_quantize_cli_refuses_to_overwrite(models, photos, tmp_path, capsys):
+    calibration = ["--calibration", str(photos / "photos")]
     fp32_bytes = models[1].read_bytes()
-    assert quantize.main(["--onnx", str(models[1]), "--output", str(models[1]), *calibration]) == 1
+    assert quantize.main(["--onnx", str(models[1]), "--output", str(models[1]), "--overwrite", *calibration]) == 1
+    assert _one_error_line(capsys) == f"error: --output {models[1]} is the fp32 model itself; choose another path"
     assert models[1].read_bytes() == fp32_bytes
+    mine = tmp_path / "int8.onnx"
+    mine.write_bytes(b"mine")
+    assert quantize.main(["--onnx", str(models[1]), "--output", str(mine), *calibration]) == 1
+    assert _one_error_line(capsys) == (f"error: {mine} already exists; pass --overwrite to replace it or choose "
+                                       f"another --output")
+    report = tmp_path / "report.json"
+    report.write_text("mine")
+    assert quantize.main(["--onnx", str(models[1]), "--output", str(tmp_path / "new.onnx"), "--json", str(report),
+                          *calibration]) == 1
+    assert "report.json already exists; pass --overwrite" in _one_error_line(capsys)
+    assert mine.read_bytes() == b"mine" and report.read_text() == "mine" and not (tmp_path / "new.onnx").exists()
+
+
+def test_quantize_cli_json_into_a_missing_folder(models, photos, tmp_path, capsys):
+    report = tmp_path / "missing" / "report.json"
+    assert quantize.main(["--onnx", str(models[1]), "--output", str(tmp_path / "int8.onnx"), "--json", str(report),
+                          "--calibration", str(photos / "photos")]) == 1
+    assert _one_error_line(capsys) == (f"error: folder {report.parent} for --json does not exist; create it or "
+                                       f"choose another --json")
+    assert not (tmp_path / "int8.onnx").exists()

@@ -1,16 +1,22 @@
 """ONNX export of the student, verified against PyTorch with onnxruntime.
 
     python -m trainer.export --checkpoint runs/demo/student_best [--output student.onnx] [--size 256]
+        [--dynamic-hw] [--overwrite]
 
 Two exporters, because timm's MobileViT computes its patch counts in Python:
 - default (TorchScript tracer, seconds): dynamic batch, height and width fixed at the export size;
 - `--dynamic-hw` (torch.export / dynamo, minutes on a laptop CPU): any multiple of 32.
 Either way the file is run once at another size to record which sizes it really accepts.
+
+The CLI exports at the size the student was trained at (config.json's `input_size`; 256 for
+folders saved before it was recorded), writes `<checkpoint>/../student.onnx` by default and
+refuses to replace an existing file (or its `.json` report) unless `--overwrite` is given.
+Exit codes: 0 written and checked; 1 a mistake in the arguments, a student folder that cannot be
+loaded, or an export that failed (nothing is left behind); also 1 for arguments that cannot be parsed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,12 +31,14 @@ import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from trainer.console import ArgumentParser
 from trainer.errors import first_line
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "disparity"
+DEFAULT_SIZE = 256  # the CLI's, for student folders saved before config.json recorded input_size
 
 
 class ExportError(RuntimeError):
@@ -110,31 +118,67 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, d
     return report
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from modeling import StudentDepthModel  # CLI-only import
+def _output_problem(output: Path, overwrite: bool) -> Optional[str]:
+    """Why the CLI must not write `output` (and its `.json` report), or None if it may."""
+    report = output.with_suffix(output.suffix + ".json")
+    if output.suffix != ".onnx":
+        return f"--output {output} must end in .onnx"
+    if output.is_dir():
+        return f"--output {output} is a folder; give a file path ending in .onnx"
+    if not output.parent.is_dir():
+        return f"folder {output.parent} for --output does not exist; create it or choose another --output"
+    existing = [path for path in (output, report) if path.exists()]
+    if existing and not overwrite:
+        also = f" (and {report.name})" if len(existing) == 2 else ""
+        return f"{existing[0]} already exists{also}; pass --overwrite to replace it or choose another --output"
+    return None
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from modeling import StudentLoadError, load_student  # CLI-only import
+
+    parser = ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="student folder (config.json + model.safetensors)")
-    parser.add_argument("--output", help="default: <checkpoint>/../student.onnx")
-    parser.add_argument("--size", type=int, default=256, help="export height = width, a multiple of 32")
+    parser.add_argument("--output", help="a .onnx path; default: <checkpoint>/../student.onnx")
+    parser.add_argument("--size", type=int,
+                        help="export height = width, a multiple of 32; default: the size the student was trained at")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--dynamic-hw", action="store_true", help="dynamo exporter, any input size (slow)")
     parser.add_argument("--atol", type=float, default=1e-3)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file and its .json")
     args = parser.parse_args(argv)
-    if args.size % 32:
-        parser.error(f"--size {args.size} must be a multiple of 32")
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        print(f"error: {checkpoint} is not a student folder (no config.json)", file=sys.stderr)
+    if args.size is not None and (args.size <= 0 or args.size % 32):
+        print(f"error: --size {args.size} must be a positive multiple of 32, e.g. 256", file=sys.stderr)
         return 1
+    checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.parent / "student.onnx"
-    student = StudentDepthModel.from_pretrained(str(checkpoint))
+    # Checked before loading anything: a refused output should not cost an export.
+    problem = _output_problem(output, args.overwrite)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
-        report = export_student(student, output, args.size, args.opset, args.dynamic_hw, args.atol)
+        student = load_student(checkpoint)
+    except StudentLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    size = args.size or student.input_size
+    if size is None:
+        size = DEFAULT_SIZE
+        print(f"info: {checkpoint} records no input_size (saved before it was recorded); exporting at "
+              f"{size}x{size} (pass --size to choose)", file=sys.stderr)
+    elif size <= 0 or size % 32:  # only a hand-edited config.json gets here
+        print(f"error: {checkpoint}/config.json records input_size {size}, not a positive multiple of 32; "
+              f"pass --size", file=sys.stderr)
+        return 1
+    try:
+        report = export_student(student, output, size, args.opset, args.dynamic_hw, args.atol)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
+    resolved = output.resolve()
+    print(f"wrote {resolved} and {resolved.with_suffix(resolved.suffix + '.json')}")
     return 0
 
 

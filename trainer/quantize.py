@@ -1,7 +1,7 @@
 """Post-training int8 quantisation of the exported student, checked against the fp32 file.
 
     python -m trainer.quantize --onnx runs/demo/student.onnx [--output student.int8.onnx]
-        [--mode dynamic|static] [--calibration data/samples] [--json quantize.json]
+        [--mode dynamic|static] [--calibration data/samples] [--json quantize.json] [--overwrite]
 
 Both modes run onnxruntime's `quant_pre_process` first (shape inference and graph fusions) and
 then compare the int8 file with the fp32 one on the calibration photos, preprocessed exactly as
@@ -22,11 +22,14 @@ depth against the fp32 depth after the per-image scale-and-shift fit used in eva
 int8 is ~3x smaller on disk but not necessarily faster: on a 2-core AVX2 CPU the dynamic file ran
 slower than fp32 (ConvInteger plus a run-time quantisation before every layer) and the static one
 slightly faster. Time both files on the target before shipping one.
+
+An existing `--output` or `--json` file is never replaced unless `--overwrite` is given. Exit
+codes: 0 written and checked; 1 a mistake in the arguments, an input that is not a usable ONNX
+file, or a quantisation that failed (the fp32 file is untouched); also 1 for arguments that cannot be parsed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,6 +43,7 @@ from typing import Optional
 import torch
 
 from data import list_images, load_rgb
+from trainer.console import ArgumentParser
 from trainer.errors import first_line
 from trainer.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
 from trainer.predict import load_predictor, onnx_input_size, preprocess
@@ -170,8 +174,25 @@ def format_report(report: dict) -> str:
             f"(* depth after scale-and-shift fit)\n{header}\n{values}")
 
 
+def _outputs_problem(onnx_path: Path, output: Path, json_path: Optional[Path], overwrite: bool) -> Optional[str]:
+    """Why the CLI must not write `output` and `json_path`, or None; checked before any work."""
+    if output.resolve() == onnx_path.resolve():
+        return f"--output {output} is the fp32 model itself; choose another path"
+    if json_path is not None and json_path.is_dir():
+        return f"--json {json_path} is a folder; give a file path"
+    if json_path is not None and not json_path.parent.is_dir():
+        return f"folder {json_path.parent} for --json does not exist; create it or choose another --json"
+    if output.is_dir():
+        return f"--output {output} is a folder; give a file path ending in .onnx"
+    existing = [path for path in (output, json_path) if path is not None and path.exists()]
+    if existing and not overwrite:
+        return (f"{existing[0]} already exists; pass --overwrite to replace it or choose another "
+                f"{'--output' if existing[0] == output else '--json'}")
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.quantize", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", required=True, help="fp32 student from trainer.export")
     parser.add_argument("--output", help="default: <onnx stem>.int8.onnx beside it")
     parser.add_argument("--mode", choices=MODES, default="dynamic")
@@ -180,11 +201,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-images", type=int, default=32, help="use at most this many calibration photos")
     parser.add_argument("--size", type=int, default=256, help="input side for files with dynamic height/width")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or --json file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     onnx_path = Path(args.onnx)
     output = Path(args.output) if args.output else onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    json_path = Path(args.json) if args.json else None
+    problem = _outputs_problem(onnx_path, output, json_path, args.overwrite)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         calibration_images = list_images(args.calibration)[:args.max_images]
         report = quantize_student(onnx_path, output, args.mode, calibration_images, args.size)
@@ -192,8 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -1,0 +1,102 @@
+"""What a person sees on the terminal: one error line, progress-safe messages, library noise off.
+
+Under a multi-process launcher every process hits the same set-up mistake at about the same
+time; `print_error` has process 0 say it and the others stay quiet (see there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("trainer")
+
+# How long a process other than 0 waits before printing its own error: long enough for process
+# 0, failing the same way, to print and exit (the launcher then ends this one during the wait);
+# a failure of this process alone is still reported, a few seconds late.
+PEER_ERROR_GRACE_S = 5.0
+
+STATUS_FILE_ENV = "DEPTH_DISTILL_STATUS_FILE"  # set by trainer.launch: where process 0 leaves its exit code
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def print_error(message: str) -> None:
+    """`error: message` on stderr, once per launch: by process 0, or by another process if 0 is
+    still alive after the grace period (the failure was this process's own)."""
+    if launched_rank() != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(PEER_ERROR_GRACE_S)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def record_exit_code(code: int) -> None:
+    """Tell `trainer.launch` how the run ended (it cannot see a child's code once torch's
+    launcher has been interrupted by a signal)."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path and launched_rank() == 0:
+        with open(path, "w") as file:
+            file.write(f"{code}\n")
+
+
+def say(message: str, main_process: bool = True) -> None:
+    """A line for the user that never lands in the middle of a progress bar."""
+    if main_process:
+        tqdm.write(message, file=sys.stdout)
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO from this project; libraries only warn, unless --verbose brings their chatter back
+    (accelerate's 8 lines per checkpoint, the scheduler warning when the first step is skipped)."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    if verbose:
+        return
+    for name in ("accelerate", "torch", "transformers", "timm", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A skipped first step (non-finite loss) steps the scheduler without the optimizer on purpose.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class UnreadableReporter:
+    """Names each unreadable photo once per run, on the main process, with the reason.
+
+    Datasets only mark a failed photo invalid (DataLoader workers are separate processes, made
+    anew each epoch, so a warning from there would repeat per epoch and per worker); the loop hands
+    the invalid indices here and the main process asks the dataset why, once per file."""
+
+    def __init__(self, dataset, what: str):
+        self.dataset, self.what = dataset, what
+        self.reported: set[int] = set()
+
+    def report(self, indices: Sequence[int]) -> None:
+        for index in sorted(set(int(i) for i in indices) - self.reported):
+            self.reported.add(index)
+            reason = self.dataset.unreadable_reason(index) or "it failed to load once and loads now"
+            logger.warning(f"skipping unreadable {self.what} photo {self.dataset.paths[index]} ({reason})")
+
+
+def count_parameters(module) -> float:
+    """Millions of parameters."""
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def plural(count: int, noun: str, suffix: str = "s") -> str:
+    return f"{count} {noun}{'' if count == 1 else suffix}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage mistake reported like every other mistake: one `error:` line that
+    names the fix, exit code 1 (argparse's own 2 would read as 'non-finite steps' here)."""
+
+    def error(self, message: str):
+        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
