@@ -7,8 +7,10 @@
 #   ./launch.sh --accelerate-config cpu_2proc --config trainer/configs/demo.yaml
 #
 # ACCELERATE_CONFIG (or --accelerate-config) names a file in accelerate_configs/ (default: cpu
-# when no GPU is visible, single_gpu otherwise). Everything else goes to trainer/main.py.
-# Multi-node: set MACHINE_RANK and MAIN_PROCESS_IP on every node.
+# when no GPU is visible, single_gpu otherwise). `accelerate launch` flags (--num_processes 4,
+# --main_process_port 29501, ...) go to the launcher wherever they stand; everything else goes to
+# trainer/main.py. Multi-node: set MACHINE_RANK and MAIN_PROCESS_IP on every node.
+# Exit code: the trainer's (README, "Exit codes"); SIGTERM/Ctrl-C save a resumable state, exit 0.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
@@ -27,7 +29,7 @@ fi
 config_file="accelerate_configs/${ACCELERATE_CONFIG%.yaml}.yaml"
 if [[ ! -f "$config_file" ]]; then
     echo "error: no accelerate config '$config_file'; choose one of: $(ls accelerate_configs | sed 's/.yaml//' | tr '\n' ' ')" >&2
-    exit 2
+    exit 1
 fi
 if [[ "$ACCELERATE_CONFIG" == cpu* ]]; then
     export ACCELERATE_USE_CPU=true  # needed for a real multi-process gloo run without GPUs
@@ -36,6 +38,11 @@ if [[ $# -eq 0 ]]; then
     set -- --config trainer/configs/demo.yaml --overwrite
 fi
 extra=()
+if [[ "$ACCELERATE_CONFIG" == multi_node* && -z "${MACHINE_RANK:-}" ]]; then
+    echo "error: multi_node needs MACHINE_RANK (0 on the main node, 1, 2, ... on the others) and MAIN_PROCESS_IP" >&2
+    exit 1
+fi
 [[ -n "${MACHINE_RANK:-}" ]] && extra+=(--machine_rank "$MACHINE_RANK")
 [[ -n "${MAIN_PROCESS_IP:-}" ]] && extra+=(--main_process_ip "$MAIN_PROCESS_IP")
-exec accelerate launch --config_file "$config_file" "${extra[@]}" trainer/main.py "$@"
+# trainer.launch is `accelerate launch` that passes the trainer's exit code and signals through.
+exec python -m trainer.launch --config_file "$config_file" "${extra[@]}" "$@"

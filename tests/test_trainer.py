@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer.run_dir import RUN_MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 
 DEMO = str(REPO / "trainer" / "configs" / "demo.yaml")
@@ -58,6 +60,18 @@ def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return events
 
 
+def hparams_metrics(run_dir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    (file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(file))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    return [info.name.tag for info in experiment.metric_infos]
+
+
 def make_labeled_set(root: Path, count: int = 3) -> Path:
     """Photos with a made-up metric depth (a left-to-right ramp, 1..5 m) as .npy ground truth."""
     from PIL import Image
@@ -90,6 +104,13 @@ def test_end_to_end_run(tmp_path, photo_dir):
     assert [step for step, _ in events["train/loss"]] == [1, 2, 3, 4]
     assert all(value == 3 for _, value in events["val_gt/num_images"])
 
+    # HParams sit in the run's own event file with the metrics they are compared by (Accelerate's
+    # own hparams call wrote a second run folder named by a timestamp).
+    assert not [p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]
+    assert "best/abs_rel" in events and "val_gt/abs_rel" in hparams_metrics(run_dir)
+    # The student records the size it was trained at, for predict/export/evaluate to default to.
+    assert json.loads((run_dir / "student_best" / "config.json").read_text())["input_size"] == 64
+
     report = json.loads((run_dir / "student.onnx.json").read_text())
     assert report["max_abs_diff_vs_pytorch"] < 1e-4
     assert report["export_size"] == [64, 64] and report["dynamic_batch"]
@@ -116,6 +137,7 @@ def test_refuses_a_folder_holding_another_run(tmp_path, photo_dir, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("run_name: other\n")
+    (run_dir / RUN_MARKER).write_text("{}\n")
     assert main(tiny_run_args(run_dir, photo_dir)) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and "--resume latest" in error and "--overwrite" in error
@@ -125,10 +147,14 @@ def test_refuses_a_folder_holding_another_run(tmp_path, photo_dir, capsys):
 def test_resume_without_a_state_is_a_clear_error(tmp_path, photo_dir, capsys):
     from trainer.main import main
 
+    from trainer.config import load_config, to_yaml
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("run_name: x\n")
-    assert main(tiny_run_args(run_dir, photo_dir) + ["--resume", "latest"]) == 1
+    args = tiny_run_args(run_dir, photo_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(load_config(DEMO, args[2:])))
+    (run_dir / RUN_MARKER).write_text("{}\n")
+    assert main(args + ["--resume", "latest"]) == 1
     assert "no complete training state" in capsys.readouterr().err
 
 

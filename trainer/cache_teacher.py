@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, StaleCacheError, TeacherCache,
                                 check_cache_dir, clear_cache, train_val_paths, write_index)
 from modeling import DepthAnythingTeacher, TeacherLoadError
+from trainer.console import ArgumentParser
 from trainer.config import Config, ConfigError, load_config
 from trainer.distill import build_teacher
 
@@ -118,7 +119,7 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.cache_teacher", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.cache_teacher", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's YAML preset, e.g. trainer/configs/demo.yaml")
     parser.add_argument("--cache-dir", help="where to write the cache (default: distill.teacher_cache)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.teacher_size=518")

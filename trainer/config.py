@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 # Kept here rather than imported from losses/metrics so that the configuration can be parsed and
 # checked without importing torch-heavy modules; tests assert the lists agree.
@@ -180,6 +181,31 @@ def _friendly(error: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"bad value for config key '{key}' ({source}): {first_line}")
 
 
+def _yaml_error(error: yaml.YAMLError, source: str, text: str = "") -> ConfigError:
+    """PyYAML's multi-line report -> one line with the position (1-based) and the problem."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    lines = text.splitlines()
+    tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]
+    hint = " (a tab: YAML indents with spaces only)" if tab else ""
+    return ConfigError(f"{source} is not valid YAML{where}: {problem}{hint}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        text = path.read_text()
+        loaded = OmegaConf.create(text)
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, str(path), text) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path} ({type(error).__name__}: {error})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold sections and keys (e.g. 'optim:' then '  lr: 3e-4') at the "
+                          f"top level, not a list")
+    return loaded
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults < YAML file < dotted overrides, then validated."""
     merged = OmegaConf.structured(Config)
@@ -188,7 +214,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         except OmegaConfBaseException as error:
             raise _friendly(error, str(path)) from None
     for item in overrides or []:
@@ -198,9 +224,50 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as error:
             raise _friendly(error, f"override '{item}'") from None
+        except yaml.YAMLError as error:
+            raise _yaml_error(error, f"override '{item}'") from None
     config = OmegaConf.to_object(merged)
     validate(config)
     return config
+
+
+# What a resumed run may change: its length, how often it logs, evaluates and saves, and the
+# resources it uses. Anything else (models, sizes, data, losses, optimizer, seed) would make the
+# resumed run a different run from the one whose state it loads.
+RESUMABLE_KEYS = ("run_name", "output_dir", "train.epochs", "train.max_steps", "train.save_every",
+                  "train.keep_last", "train.max_nonfinite_steps", "train.compile", "data.num_workers",
+                  "eval.every", "eval.batch_size", "log.", "export.")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_KEYS)
+
+
+def resume_config(saved: Path, overrides: list[str],
+                  given: Optional[Config] = None) -> tuple[Config, list[str], list[str]]:
+    """The configuration of a resumed run: the run's saved `config.yaml` plus the command-line
+    overrides that `RESUMABLE_KEYS` allows. Returns (config, changes applied as 'key: old -> new',
+    keys in which `given`, the --config file re-read now, differs from the saved run and is ignored)."""
+    if not Path(saved).is_file():
+        raise ConfigError(f"--resume: the run's configuration {saved} is missing; cannot resume")
+    before = flat_hparams(load_config(saved))
+    config = load_config(saved, overrides)
+    after = flat_hparams(config)
+    changed = [key for key in after if after[key] != before.get(key)]
+    refused = [key for key in changed if not _resumable(key)]
+    if refused:
+        key = refused[0]
+        raise ConfigError(f"--resume: {key}={after[key]} would change the run (it was trained with {key}="
+                          f"{before.get(key)}); resume without it, or start a new run (another run_name) to "
+                          f"change it. A resume may change only: {', '.join(RESUMABLE_KEYS)}")
+    changes = [f"{key}: {before.get(key)} -> {after[key]}" for key in changed]
+    ignored = []
+    if given is not None:
+        overridden = {item.partition("=")[0] for item in overrides}
+        now = flat_hparams(given)
+        ignored = [key for key in now if now[key] != before.get(key) and key not in overridden
+                   and key not in ("run_name", "output_dir")]
+    return config, changes, ignored
 
 
 def _check(condition: bool, key: str, message: str) -> None:

@@ -45,7 +45,10 @@ def build_teacher(cfg: Config) -> DepthAnythingTeacher:
 
 def build_student(cfg: Config) -> StudentDepthModel:
     s = cfg.student
-    return StudentDepthModel.build(s.backbone, s.decoder_width, s.head_width, pretrained=s.pretrained)
+    # The training input size goes into the student's config.json: predict, export and evaluate
+    # then run it at the size it learned, not at some default.
+    return StudentDepthModel.build(s.backbone, s.decoder_width, s.head_width, pretrained=s.pretrained,
+                                   input_size=cfg.data.student_size)
 
 
 def build_module(cfg: Config, student: StudentDepthModel, teacher: DepthAnythingTeacher,

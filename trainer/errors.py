@@ -1,4 +1,9 @@
-"""Errors shortened to what fits on one line of a log or an error message."""
+"""Errors a user can fix, and errors shortened to what fits on one line of a log or a message."""
+
+
+class RunError(RuntimeError):
+    """A mistake the user can fix (a folder, a file, the data): the entry points print it as one
+    `error:` line and exit 1."""
 
 
 def first_line(error: BaseException) -> str:

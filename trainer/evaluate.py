@@ -23,8 +23,11 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, list_images
-from modeling import DepthAnythingTeacher, StudentDepthModel
+from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
+from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, load_student
+from trainer.console import ArgumentParser, UnreadableReporter, print_error, say, setup_logging
+from trainer.errors import RunError
+from trainer.processes import check_world_size
 from trainer.metrics import (METRIC_NAMES, average_metrics, depth_metrics, depth_valid_mask_from_disparity,
                              disparity_to_depth)
 
@@ -51,18 +54,28 @@ def _batch_metrics(student: nn.Module, teacher: Optional[DepthAnythingTeacher], 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, student: nn.Module, loader: DataLoader,
              teacher: Optional[DepthAnythingTeacher] = None, align: str = "scale_shift",
-             labeled: bool = False, max_depth: Optional[float] = None) -> dict[str, float]:
-    """Average metrics over every image of `loader` (a prepared loader), on all processes."""
+             labeled: bool = False, max_depth: Optional[float] = None, reporter=None) -> dict[str, float]:
+    """Average metrics over every image of `loader` (a prepared loader), on all processes.
+
+    Unreadable photos (unlabeled sets) count as empty images; `reporter.report(indices)`, if
+    given, is called on the main process with their dataset indices."""
     was_training = student.training
     student.eval()
     rows = []
     for batch in loader:
         with accelerator.autocast():
-            rows.append(accelerator.gather_for_metrics(
-                _batch_metrics(student, teacher, batch, align, labeled, max_depth)))
+            metrics = _batch_metrics(student, teacher, batch, align, labeled, max_depth)
+        if not labeled:  # the photo's index and validity travel in the same gather as its metrics
+            metrics = torch.cat([metrics, batch["index"].view(-1, 1).to(metrics),
+                                 batch["valid"].view(-1, 1).to(metrics)], dim=1)
+        rows.append(accelerator.gather_for_metrics(metrics))
     student.train(was_training)
-    table = torch.cat(rows) if rows else torch.empty(0, len(METRIC_NAMES))
-    return average_metrics({name: table[:, i].cpu() for i, name in enumerate(METRIC_NAMES)})
+    table = torch.cat(rows).cpu() if rows else torch.empty(0, len(METRIC_NAMES) + (0 if labeled else 2))
+    if not labeled:
+        unreadable = table[:, -2][table[:, -1] == 0].long().tolist()
+        if reporter is not None and accelerator.is_main_process:
+            reporter.report(unreadable)
+    return average_metrics({name: table[:, i] for i, name in enumerate(METRIC_NAMES)})
 
 
 def format_table(metrics: dict[str, float], title: str = "") -> str:
@@ -74,7 +87,7 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="student folder (config.json + model.safetensors)")
     parser.add_argument("--data", required=True, help="folder of photos, or of images/ + depth/ with --labeled")
     parser.add_argument("--labeled", action="store_true", help="compare with ground-truth depth")
@@ -85,43 +98,98 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--max-depth", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--json", help="write the averaged metrics here as one JSON object")
-    return parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' info messages")
+    return parser.parse_intermixed_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every mistake in the arguments, found before a model is loaded."""
+    data = Path(args.data)
+    if not data.is_dir():
+        raise RunError(f"--data {data}: no such folder")
+    if args.labeled:
+        missing = [name for name in ("images", "depth") if not (data / name).is_dir()]
+        if missing:
+            raise RunError(f"--labeled: {data} must hold images/ and depth/ (missing: {', '.join(missing)})")
+    if args.config and not Path(args.config).is_file():
+        raise RunError(f"--config {args.config}: no such file")
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir():
+            raise RunError(f"--json {args.json}: folder {folder} does not exist")
+        if Path(args.json).is_dir():
+            raise RunError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'metrics.json'}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise RunError(f"--batch-size {args.batch_size} must be >= 1")
+
+
+def _dataset(args: argparse.Namespace, cfg, transform: EvalTransform):
+    d = cfg.data
+    if args.labeled:
+        try:
+            return LabeledDepthDataset(args.data, transform, min_depth=args.min_depth or d.labeled_min_depth,
+                                       max_depth=args.max_depth or d.labeled_max_depth,
+                                       depth_scale=d.labeled_depth_scale, crop=args.crop or d.labeled_crop)
+        except (FileNotFoundError, ValueError) as error:  # no images, unpaired files, bad ranges
+            raise RunError(f"--data {args.data}: {error}") from None
+    scan = scan_images(args.data)
+    if not scan.images:
+        raise RunError(f"--data: {no_images_message(args.data, scan)}")
+    return UnlabeledImageDataset(scan.images, transform)
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
     from trainer.config import load_config  # CLI-only import
 
-    args = _parse_args(argv)
+    _check_inputs(args)
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        print(f"error: {checkpoint} is not a student folder (no config.json)", file=sys.stderr)
-        return 2
+    student = load_student(checkpoint)
     run_config = Path(args.config) if args.config else checkpoint.parent / "config.yaml"
     cfg = load_config(run_config if run_config.is_file() else None)
+    if not run_config.is_file() and not args.labeled:
+        # Without the run's configuration the default (hub) teacher would be loaded.
+        say(f"no run configuration at {run_config}: using the default teacher {cfg.teacher.name} "
+            f"(pass --config to choose another)")
+    # The student runs at the size it was trained at; the run's config says so for old folders.
+    student_size = getattr(student, "input_size", None) or cfg.data.student_size
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    transform = EvalTransform(cfg.data.teacher_size, cfg.data.student_size)
-    teacher, max_depth = None, None
-    if args.labeled:
-        d = cfg.data
-        max_depth = args.max_depth or d.labeled_max_depth
-        dataset = LabeledDepthDataset(args.data, transform, min_depth=args.min_depth or d.labeled_min_depth,
-                                      max_depth=max_depth, depth_scale=d.labeled_depth_scale,
-                                      crop=args.crop or d.labeled_crop)
-    else:
-        dataset = UnlabeledImageDataset(list_images(args.data), transform)
+    check_world_size(accelerator)
+    transform = EvalTransform(cfg.data.teacher_size, student_size)
+    dataset = _dataset(args, cfg, transform)
+    teacher = None
+    if not args.labeled:
         teacher = DepthAnythingTeacher.from_pretrained(cfg.teacher.name, cfg.teacher.feature_layers)
         teacher.to(accelerator.device)
     # Inference only: the student goes to the device unwrapped; only the loader is sharded.
-    student = StudentDepthModel.from_pretrained(str(checkpoint)).to(accelerator.device)
+    student.to(accelerator.device)
     # Ground truth keeps its own resolution, which may vary within a set (KITTI): one image a batch.
     batch_size = args.batch_size or (1 if args.labeled else cfg.eval.batch_size)
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers))
+    reporter = None if args.labeled else UnreadableReporter(dataset, "evaluation")
     metrics = evaluate(accelerator, student, loader, teacher, align=args.align or cfg.eval.align,
-                       labeled=args.labeled, max_depth=max_depth)
+                       labeled=args.labeled, max_depth=args.max_depth or cfg.data.labeled_max_depth
+                       if args.labeled else None, reporter=reporter)
     reference = "ground truth" if args.labeled else f"teacher {cfg.teacher.name}"
-    accelerator.print(format_table(metrics, f"student {checkpoint} vs {reference}"))
+    say(format_table(metrics, f"student {checkpoint} vs {reference}"), accelerator.is_main_process)
+    if not metrics.get("num_images"):
+        raise RunError(f"--data {args.data}: none of the images could be read; no metrics")
     if args.json and accelerator.is_main_process:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        say(f"wrote {Path(args.json).resolve()}")
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit codes: 0 metrics computed, 1 a mistake in the arguments or data (one `error:` line)."""
+    from trainer.config import ConfigError  # CLI-only import
+
+    args = _parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        run(args)
+    except (ConfigError, RunError, StudentLoadError, TeacherLoadError) as error:
+        print_error(str(error))
+        return 1
     return 0
 
 

@@ -10,14 +10,13 @@ hand what trains to Accelerate, run the loop (train_step / evaluate / save), exp
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,27 +26,36 @@ if __package__ in (None, ""):  # `accelerate launch trainer/main.py` runs this f
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, StaleCacheError, TrainTransform,
-                  UnlabeledImageDataset, train_val_paths)
-from modeling import StudentDepthModel, StudentLoadError, TeacherLoadError
+                  UnlabeledImageDataset, describe_ignored, first_readable, no_images_message, scan_images,
+                  split_train_val)
+from data.datasets import _decode_max_side
+from modeling import StudentLoadError, TeacherLoadError, load_student
 from trainer.cache_teacher import open_cache
-from trainer.checkpoint import (CheckpointError, all_finite, all_processes_agree, load_training_state,
-                                resume_candidates, save_student, save_training_state)
-from trainer.config import Config, ConfigError, flat_hparams, load_config, to_yaml
+from trainer.checkpoint import (STATES_DIR, CheckpointError, all_finite, all_processes_agree,
+                                load_training_state, resume_candidates, save_student, save_training_state)
+from trainer.config import Config, ConfigError, flat_hparams, load_config, resume_config, to_yaml
+from trainer.console import (ArgumentParser, UnreadableReporter, count_parameters, plural, print_error,
+                             record_exit_code, say, setup_logging)
 from trainer.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
+from trainer.errors import RunError
 from trainer.evaluate import evaluate, format_table
 from trainer.export import ExportError, export_student
 from trainer.faults import Fault
 from trainer.metrics import LOWER_IS_BETTER
+from trainer.processes import check_world_size, die_with_launcher
+from trainer.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, start_run, write_config
 from trainer.visualize import comparison_grid
 
 logger = get_logger(__name__)
 
 EXIT_OK, EXIT_SETUP, EXIT_NONFINITE, EXIT_EXPORT = 0, 1, 2, 3
+EXIT_INTERRUPTED_EARLY = 130  # Ctrl-C before training started: nothing to save
 
 
 class EpochSeededDataset(Dataset):
@@ -80,6 +88,7 @@ class Progress:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     best_value: float = math.nan
+    best_step: int = -1
     global_batch: int = 0  # photos per step over all processes when saved (to map a mid-epoch position)
 
     def state_dict(self) -> dict:
@@ -103,22 +112,57 @@ class StopRequested:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML preset, e.g. trainer/configs/demo.yaml")
-    parser.add_argument("--resume", help="'latest' or a training-state folder (checkpoints/step_XXXXXXXX)")
-    parser.add_argument("--overwrite", action="store_true", help="start over in an output_dir holding a run")
+    parser = ArgumentParser(prog="trainer/main.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML preset, e.g. trainer/configs/demo.yaml (a resumed run uses its saved "
+                                         "config.yaml; --config then only locates the run)")
+    parser.add_argument("--resume", help="'latest', a run folder (runs/NAME) or a training-state folder "
+                                         "(runs/NAME/checkpoints/step_XXXXXXXX)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir holding a run (deletes only that run's own outputs)")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' info messages")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
-    return parser.parse_args(argv)
+    # Intermixed: `--config X run_name=a --overwrite data.train_dir=b` reads as a user means it.
+    return parser.parse_intermixed_args(argv)
 
 
-def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; runs on every process before any model is built."""
-    holds_run = (run_dir / "config.yaml").is_file()
-    if resume and not holds_run and not Path(resume).is_dir():
-        raise ConfigError(f"--resume {resume}: {run_dir} holds no run to resume")
-    if holds_run and not resume and not overwrite:
-        raise ConfigError(f"output_dir {run_dir} already holds a run; pass --resume latest to continue it "
-                          f"or --overwrite to start over (or choose another run_name)")
+def locate_resumed_run(resume: str, given: Optional[Config]) -> tuple[Path, str]:
+    """-> (run folder, what to load: 'latest' or a state folder) for `--resume`."""
+    if resume == "latest":
+        if given is None:
+            raise ConfigError("--resume latest needs --config (to find the run), or pass the run folder: "
+                              "--resume runs/<run_name>")
+        return given.run_dir, "latest"
+    path = Path(resume)
+    if holds_run(path):
+        return path, "latest"
+    if path.parent.name == STATES_DIR and holds_run(path.parent.parent):
+        return path.parent.parent, resume
+    raise CheckpointError(f"--resume {resume}: neither 'latest', a run folder (holding {RUN_MARKER}) nor a "
+                          f"training-state folder of one (runs/<run_name>/{STATES_DIR}/step_XXXXXXXX)")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[str], list[str]]:
+    """-> (configuration, what to resume from or None, messages for the user).
+
+    A new run reads --config and the overrides. A resumed run is the run that was saved: its own
+    config.yaml, plus only those overrides that do not change what it trains (`RESUMABLE_KEYS`)."""
+    given = load_config(args.config, args.overrides) if args.config else None
+    if not args.resume:
+        if given is None:
+            raise ConfigError("--config FILE is required to start a run, e.g. --config trainer/configs/demo.yaml")
+        return given, None, []
+    run_dir, resume = locate_resumed_run(args.resume, given)
+    if not holds_run(run_dir):
+        raise CheckpointError(f"--resume {args.resume}: {run_dir} holds no run to resume (no {RUN_MARKER}); "
+                              f"check run_name/output_dir")
+    cfg, changes, ignored = resume_config(run_dir / CONFIG_FILE, args.overrides, given)
+    cfg.output_dir = str(run_dir)  # the run is where it was found, even if its folder was moved
+    messages = [f"resuming with the run's saved configuration {run_dir / CONFIG_FILE}"]
+    messages += [f"changed on resume: {change}" for change in changes]
+    if ignored:
+        messages.append(f"ignored: --config {args.config} differs from the saved run in {', '.join(ignored)} "
+                        f"(a resumed run keeps its configuration; pass an override to change an allowed key)")
+    return cfg, resume, messages
 
 
 def uses_live_teacher_features(cfg: Config) -> bool:
@@ -129,18 +173,51 @@ def uses_live_teacher_features(cfg: Config) -> bool:
     return (w.feature > 0 or w.attention > 0) and not dropped
 
 
-def select_photos(cfg: Config) -> tuple[list[Path], list[Path]]:
+@dataclass
+class Photos:
+    train: list[Path]
+    val: list[Path]
+    ignored: dict[str, int] = field(default_factory=dict)  # files skipped by extension -> count
+
+
+def _scan(key: str, folder: str) -> tuple[list[Path], dict[str, int]]:
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{key}: folder '{folder}' does not exist")
+    scan = scan_images(folder)
+    if not scan.images:
+        raise ConfigError(f"{key}: {no_images_message(folder, scan)}")
+    return scan.images, scan.ignored
+
+
+def _check_readable(paths: list[Path], what: str, folder: str, max_side: int) -> None:
+    """Stop now if not one photo decodes: otherwise the run trains on nothing (loss 0) or
+    validates on nothing (NaN) and ends 'successfully'. Costs one decode when the data is fine."""
+    if not paths:
+        return
+    readable, failures = first_readable(paths, max_side)
+    if readable is None:
+        examples = "; ".join(f"{path.name} ({reason})" for path, reason in failures[:3])
+        raise RunError(f"none of the {plural(len(paths), what + ' file')} under {folder} could be read: {examples}"
+                       + (f"; ... ({len(failures) - 3} more)" if len(failures) > 3 else ""))
+
+
+def select_photos(cfg: Config) -> Photos:
     """Training and validation photos; runs before any model is built, so a missing or empty
-    folder is reported at once. Errors name the config key to fix."""
+    folder, or one where nothing decodes, is reported at once. Errors name the key to fix."""
     d = cfg.data
-    for key, folder in (("data.train_dir", d.train_dir), ("data.val_dir", d.val_dir),
-                        ("data.labeled_dir", d.labeled_dir), ("distill.teacher_cache", cfg.distill.teacher_cache)):
+    for key, folder in (("data.labeled_dir", d.labeled_dir), ("distill.teacher_cache", cfg.distill.teacher_cache)):
         if folder is not None and not Path(folder).is_dir():
             raise ConfigError(f"{key}: folder '{folder}' does not exist")
-    try:
-        return train_val_paths(d.train_dir, d.val_dir, d.val_fraction, cfg.seed)
-    except ValueError as error:  # an empty folder
-        raise ConfigError(str(error)) from None
+    train, ignored = _scan("data.train_dir", d.train_dir)
+    if d.val_dir is not None:
+        val, val_ignored = _scan("data.val_dir", d.val_dir)
+        ignored = {ext: ignored.get(ext, 0) + val_ignored.get(ext, 0) for ext in {*ignored, *val_ignored}}
+    else:
+        train, val = split_train_val(train, d.val_fraction, cfg.seed)
+    max_side = _decode_max_side(EvalTransform(d.teacher_size, d.student_size))
+    _check_readable(train, "training", d.train_dir, max_side)
+    _check_readable(val, "validation", d.val_dir or d.train_dir, max_side)
+    return Photos(train, val, ignored)
 
 
 def build_datasets(cfg: Config, teacher, train_paths: list[Path], val_paths: list[Path]):
@@ -210,7 +287,17 @@ class Trainer:
         self.stop = StopRequested()
         self.sums: dict[str, torch.Tensor] = {}  # detached running sums, reduced at log time
         self.steps_since_log, self.images_since_log, self.time_of_log = 0, 0, time.perf_counter()
+        # Seconds spent evaluating, saving and drawing since the last log: not training time.
+        self.paused_since_log = 0.0
+        self.train_seconds, self.photos_trained = 0.0, 0  # this launch, for the end summary
         self.last_eval_step = -1
+        self.last_saved_step = -1
+        self.val_metrics: dict[str, dict[str, float]] = {}
+        # (index, valid) of every micro-batch since the last log, still on the device: reading
+        # them is left to the log step, which synchronises anyway.
+        self.batch_validity: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.unreadable_train = UnreadableReporter(train_loader.dataset.dataset, "training")
+        self.unreadable_val = None if val_loader is None else UnreadableReporter(val_loader.dataset, "validation")
         self.fault = Fault.from_env()
         self.stop_agreed = False
         self.float_buffers = [b for b in module.buffers() if b.is_floating_point()]
@@ -255,13 +342,34 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not training time (evaluation, checkpoints, image grids)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_since_log += time.perf_counter() - start
+
+    def report_unreadable(self) -> None:
+        """Collective: name the photos found unreadable since the last call, once per run."""
+        bad = [int(i) for index, valid in self.batch_validity for i in index[~valid.bool()].tolist()]
+        self.batch_validity = []
+        found = [i for share in gather_object([bad]) for i in share]
+        if self.accelerator.is_main_process:
+            self.unreadable_train.report(found)
+
     def log_scalars(self, grad_norm: Optional[float]) -> dict[str, float]:
+        self.report_unreadable()
         names = sorted(self.sums)
         means = self.accelerator.reduce(torch.stack([self.sums[n] for n in names]), "mean")
         count = max(1, self.steps_since_log)
         values = {f"train/{n}": v / count for n, v in zip(names, means.tolist())}
-        elapsed = time.perf_counter() - self.time_of_log
-        values["train/images_per_s"] = self.images_since_log * self.accelerator.num_processes / max(elapsed, 1e-9)
+        elapsed = time.perf_counter() - self.time_of_log - self.paused_since_log
+        photos = self.images_since_log * self.accelerator.num_processes
+        values["train/images_per_s"] = photos / max(elapsed, 1e-9)
+        self.train_seconds += elapsed
+        self.photos_trained += photos
         for group in self.optimizer.param_groups:
             if not group["name"].endswith("_no_decay"):  # same lr as its decayed twin
                 values[f"lr/{group['name']}"] = group["lr"]
@@ -271,7 +379,7 @@ class Trainer:
         values["train/nonfinite_steps"] = self.progress.nonfinite_steps
         self.accelerator.log(values, step=self.progress.step)
         self.sums, self.steps_since_log, self.images_since_log = {}, 0, 0
-        self.time_of_log = time.perf_counter()
+        self.time_of_log, self.paused_since_log = time.perf_counter(), 0.0
         return values
 
     def log_images(self, outputs) -> None:
@@ -289,26 +397,34 @@ class Trainer:
         results = {}
         if self.val_loader is not None:
             results["val_teacher"] = evaluate(self.accelerator, self.student, self.val_loader, self.teacher,
-                                              align=self.cfg.eval.align)
+                                              align=self.cfg.eval.align, reporter=self.unreadable_val)
         if self.labeled_loader is not None:
             results["val_gt"] = evaluate(self.accelerator, self.student, self.labeled_loader, align=self.cfg.eval.align,
                                          labeled=True, max_depth=self.cfg.data.labeled_max_depth)
         for prefix, metrics in results.items():
+            if not metrics.get("num_images"):  # every image failed: NaN metrics would pass for a result
+                raise RunError(f"evaluation at step {self.progress.step}: no {prefix} image could be read; "
+                               f"fix or remove the unreadable files named above (training states are kept)")
             self.accelerator.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=self.progress.step)
-            self.accelerator.print(format_table(metrics, f"step {self.progress.step} {prefix}"))
+            say(format_table(metrics, f"step {self.progress.step} {prefix}"), self.accelerator.is_main_process)
         if not results:
             return
+        self.val_metrics = results
         main_set = results.get("val_gt", results.get("val_teacher"))
         metric = self.cfg.eval.best_metric
         value, best = main_set[metric], self.progress.best_value
         improved = math.isnan(best) or (value < best if LOWER_IS_BETTER[metric] else value > best)
         if improved and math.isfinite(value):
-            self.progress.best_value = value
+            self.progress.best_value, self.progress.best_step = value, self.progress.step
+            self.accelerator.log({f"best/{metric}": value}, step=self.progress.step)
             if self.accelerator.is_main_process:
                 save_student(self.student, self.run_dir / "student_best")
         self.accelerator.wait_for_everyone()
 
     def save_state(self) -> None:
+        if self.progress.step == self.last_saved_step:  # the last step was a save step already
+            return
+        self.last_saved_step = self.progress.step
         if not all_processes_agree(self.accelerator, all_finite(self.module)):  # all skip, or none
             logger.error(f"step {self.progress.step}: weights are not finite; training state not saved")
             return
@@ -319,7 +435,7 @@ class Trainer:
     def fit(self) -> int:
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
         bar = tqdm(total=self.total_steps, initial=progress.step, desc="distill", dynamic_ncols=True,
-                   disable=not acc.is_local_main_process)
+                   disable=not acc.is_main_process)
         self.module.train()
         accum = cfg.optim.grad_accum_steps
         while progress.step < self.total_steps:
@@ -339,6 +455,7 @@ class Trainer:
                     for name, value in terms.items():
                         term_sums[name] = term_sums.get(name, 0.0) + value.float() / accum
                     n_images += len(batch["valid"])
+                    self.batch_validity.append((batch["index"], batch["valid"]))
                     if not acc.sync_gradients:
                         continue
                     grad_norm = self.optimizer_step(loss_sum, valid_sum, n_images)
@@ -349,23 +466,28 @@ class Trainer:
                     self.sums[name] = self.sums.get(name, 0.0) + value
                 loss_sum, valid_sum, n_images, term_sums = 0.0, 0, 0, {}
                 if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    acc.print(f"error: {progress.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
-                              f"or BatchNorm statistics; stopping (last good training state kept; lower optim.lr?)")
+                    bar.close()
+                    if acc.is_main_process:
+                        print(f"error: {progress.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
+                              f"or BatchNorm statistics; stopping (last good training state kept; lower optim.lr?)",
+                              file=sys.stderr, flush=True)
                     return EXIT_NONFINITE
                 if progress.step % cfg.log.log_every == 0:
                     values = self.log_scalars(grad_norm)
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}",
                                     img_s=f"{values['train/images_per_s']:.1f}")
-                if progress.step % cfg.log.image_every == 0:
-                    self.log_images(outputs)
-                if cfg.eval.every and progress.step % cfg.eval.every == 0:
-                    self.run_evaluation()
-                if progress.step % cfg.train.save_every == 0 or self.stop_agreed:
-                    self.save_state()
+                with self.paused():
+                    if progress.step % cfg.log.image_every == 0:
+                        self.log_images(outputs)
+                    if cfg.eval.every and progress.step % cfg.eval.every == 0:
+                        self.run_evaluation()
+                    if progress.step % cfg.train.save_every == 0 or self.stop_agreed:
+                        self.save_state()
                 bar.update(1)
                 if self.stop_agreed:
-                    acc.print(f"interrupted: resumable state saved at step {progress.step}; "
-                              f"continue with --resume latest")
+                    bar.close()
+                    say(f"interrupted: resumable state saved at step {progress.step}; continue with --resume latest",
+                        acc.is_main_process)
                     return EXIT_OK
                 if self.fault is not None:
                     self.fault.after_step(progress.step, acc.process_index)
@@ -374,22 +496,12 @@ class Trainer:
             else:  # the epoch ran to its end
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
-                self.run_evaluation()
+                with self.paused():
+                    self.run_evaluation()
                 continue
             break
         bar.close()
         return EXIT_OK
-
-
-def check_world_size(accelerator: Accelerator) -> None:
-    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two
-    processes that each believe they are alone unless ACCELERATE_USE_CPU=true: they would train
-    two separate models and overwrite each other's files."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise ConfigError(f"the launcher started {launched} processes but Accelerate sees "
-                          f"{accelerator.num_processes}; on a CPU-only machine set ACCELERATE_USE_CPU=true "
-                          f"(or use accelerate_configs/cpu_2proc.yaml through launch.sh)")
 
 
 def _ignore_interrupts(worker_id: int) -> None:
@@ -431,22 +543,75 @@ def export_final(cfg: Config, student) -> int:
         logger.error("no finite student to export (student_best/student_last were refused); nothing exported")
         return EXIT_EXPORT
     try:
-        model = StudentDepthModel.from_pretrained(str(source)) if source.is_dir() else student
-        report = export_student(model, cfg.run_dir / "student.onnx", cfg.data.student_size,
+        model = load_student(source) if source.is_dir() else student
+        report = export_student(model, cfg.run_dir / ONNX_FILE, cfg.data.student_size,
                                 cfg.export.opset, atol=cfg.export.atol)
-    except ExportError as error:
+    except (ExportError, StudentLoadError) as error:
         logger.error(f"{error}; the safetensors checkpoints are intact")
         return EXIT_EXPORT
-    logger.info(f"exported {source.name} to {cfg.run_dir / 'student.onnx'}: max |onnx - torch| = "
+    logger.info(f"exported {source.name} to {cfg.run_dir / ONNX_FILE}: max |onnx - torch| = "
                 f"{report['max_abs_diff_vs_pytorch']:.2e}, sizes accepted: {report['accepted_sizes']}")
     return EXIT_OK
 
 
-def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
+def log_hparams(accelerator: Accelerator, cfg: Config, labeled: bool) -> None:
+    """The configuration as TensorBoard HParams, in the run's own event file (Accelerate's
+    `init_trackers(config=...)` writes a second run folder named by a timestamp), with the metrics
+    the HParams table and parallel-coordinates views compare runs by."""
+    from torch.utils.tensorboard.summary import hparams
+
+    if not accelerator.is_main_process:
+        return
+    metrics = [f"best/{cfg.eval.best_metric}", "val_teacher/abs_rel", "val_teacher/delta1", "train/loss",
+               "train/images_per_s"] + (["val_gt/abs_rel", "val_gt/delta1"] if labeled else [])
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    for summary in hparams(flat_hparams(cfg), {name: 0.0 for name in metrics}):
+        writer.file_writer.add_summary(summary)
+
+
+def start_summary(cfg: Config, accelerator: Accelerator, photos: Photos, teacher, student, total_steps: int,
+                  resumed_from: Optional[Path]) -> str:
+    d, t = cfg.data, cfg.train
+    per_step = t.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
+    lines = [
+        f"run '{cfg.run_name}' -> {cfg.run_dir.resolve()}"
+        + (f" (resumed from {resumed_from.name})" if resumed_from else " (new run)"),
+        f"  photos: {len(photos.train)} for training from {d.train_dir}, {len(photos.val)} for validation"
+        + (f" from {d.val_dir}" if d.val_dir else f" ({d.val_fraction:.0%} of them, seed {cfg.seed})"),
+        f"  teacher: {cfg.teacher.name} ({count_parameters(teacher):.2f} M parameters) at {d.teacher_size} px"
+        + (f", depth from the cache {cfg.distill.teacher_cache}" if cfg.distill.teacher_cache else ""),
+        f"  student: {cfg.student.backbone} + MiniDPT ({count_parameters(student):.2f} M parameters) at "
+        f"{d.student_size} px",
+        f"  {plural(accelerator.num_processes, 'process', 'es')} on {accelerator.device.type}, mixed precision "
+        f"{accelerator.mixed_precision}, {per_step} photos per step, {total_steps} steps",
+    ]
+    if photos.ignored:
+        lines.insert(2, f"  ignored (not a photo format this trainer reads): {describe_ignored(photos.ignored)}")
+    return "\n".join(lines)
+
+
+def end_summary(cfg: Config, trainer: "Trainer", wall_seconds: float, code: int) -> str:
+    p = trainer.progress
+    rate = trainer.photos_trained / trainer.train_seconds if trainer.train_seconds > 0 else float("nan")
+    lines = [f"{'done' if code == EXIT_OK else f'ended with exit code {code}'} after {wall_seconds:.1f} s: "
+             f"step {p.step} of {trainer.total_steps}, {trainer.photos_trained} photos trained at "
+             f"{rate:.1f} photos/s (training time only)"]
+    if p.best_step >= 0:
+        lines.append(f"  best {cfg.eval.best_metric} {p.best_value:.4f} at step {p.best_step} -> "
+                     f"{cfg.run_dir / 'student_best'}")
+    outputs = [cfg.run_dir / name for name in ("student_last", ONNX_FILE) if (cfg.run_dir / name).exists()]
+    outputs.append(cfg.run_dir / "tensorboard")
+    lines.append(f"  outputs: {', '.join(map(str, outputs))}")
+    return "\n".join(lines)
+
+
+def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]) -> int:
+    started = time.perf_counter()
     check_run_dir(cfg.run_dir, resume, overwrite)
-    train_paths, val_paths = select_photos(cfg)
+    states = resume_candidates(cfg.run_dir, resume) if resume else []  # a missing state is said now
+    photos = select_photos(cfg)
     teacher = build_teacher(cfg)
-    train, val, labeled = build_datasets(cfg, teacher, train_paths, val_paths)
+    train, val, labeled = build_datasets(cfg, teacher, photos.train, photos.val)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
@@ -463,11 +628,16 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator.wait_for_everyone()  # every process has checked the folder before it changes
-    if accelerator.is_main_process:
-        if overwrite and not resume:
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    main_process = accelerator.is_main_process
+    for message in messages:
+        say(message, main_process)
+    if main_process:
+        if resume:
+            write_config(cfg.run_dir, to_yaml(cfg))  # unchanged, or with the allowed changes above
+        else:
+            deleted = start_run(cfg.run_dir, to_yaml(cfg), overwrite)
+            if deleted:
+                say(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {cfg.run_dir}")
 
     teacher.to(accelerator.device)
     if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
@@ -492,36 +662,55 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
                                   for x in (val_loader, labeled_loader))
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
+    state = None
     if resume:
-        state = load_training_state(accelerator, resume_candidates(cfg.run_dir, resume))
-        accelerator.print(f"resumed from {state} at step {progress.step} (epoch {progress.epoch}, "
-                          f"batch {progress.batches_in_epoch})")
+        state = load_training_state(accelerator, states)
     remap_epoch_position(progress, accelerator.num_processes * cfg.train.batch_size)
-    accelerator.init_trackers("tensorboard", config=flat_hparams(cfg))
+    say(start_summary(cfg, accelerator, photos, teacher, student, total_steps, state), main_process)
+    if state is not None:
+        say(f"resumed from {state} at step {progress.step} (epoch {progress.epoch}, batch "
+            f"{progress.batches_in_epoch})", main_process)
+    accelerator.init_trackers("tensorboard")
+    if not resume:
+        log_hparams(accelerator, cfg, labeled is not None)
     trainer = Trainer(cfg, accelerator, module, teacher, optimizer, scheduler, train_loader, val_loader,
                       labeled_loader, progress, total_steps)
-    code = trainer.fit()
-    if code == EXIT_OK and not trainer.stop_agreed:
-        trainer.run_evaluation()
-        trainer.save_state()
-        if accelerator.is_main_process:
-            save_student(trainer.student, cfg.run_dir / "student_last")
-            if cfg.export.enabled:
-                code = export_final(cfg, trainer.student)
+    with logging_redirect_tqdm():
+        code = trainer.fit()
+        trainer.report_unreadable()
+        if code == EXIT_OK and not trainer.stop_agreed:
+            trainer.run_evaluation()
+            trainer.save_state()
+            if main_process:
+                save_student(trainer.student, cfg.run_dir / "student_last")
+                if cfg.export.enabled:
+                    code = export_final(cfg, trainer.student)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if not trainer.stop_agreed:
+        say(end_summary(cfg, trainer, time.perf_counter() - started, code), main_process)
     return code
 
 
+# Mistakes a user can make and fix: each is reported as one line, never as a traceback.
+USER_ERRORS = (ConfigError, RunError, TeacherLoadError, StudentLoadError, CheckpointError, StaleCacheError)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
+    setup_logging(args.verbose)
+    die_with_launcher()
     try:
-        cfg = load_config(args.config, args.overrides)
-        return run(cfg, args.resume, args.overwrite)
-    except (ConfigError, TeacherLoadError, StudentLoadError, CheckpointError, StaleCacheError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_SETUP
+        cfg, resume, messages = resolve_config(args)
+        code = run(cfg, resume, args.overwrite, messages)
+    except USER_ERRORS as error:
+        print_error(str(error))
+        code = EXIT_SETUP
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        code = EXIT_INTERRUPTED_EARLY
+    record_exit_code(code)
+    return code
 
 
 if __name__ == "__main__":

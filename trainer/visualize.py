@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -16,13 +19,17 @@ def _lut(name: str) -> torch.Tensor:
     return torch.tensor(matplotlib.colormaps[name](range(256))[:, :3], dtype=torch.float32)  # (256, 3)
 
 
-def colorize(maps: torch.Tensor, colormap: str = "Spectral_r") -> torch.Tensor:
-    """(B, 1, H, W) -> (B, 3, H, W) in [0, 1], each map stretched between its 2nd and 98th
-    percentiles so one bright pixel does not wash out the rest."""
-    flat = maps.detach().float().flatten(1)
-    low = flat.quantile(0.02, dim=1).view(-1, 1, 1, 1)
-    high = flat.quantile(0.98, dim=1).view(-1, 1, 1, 1)
-    scaled = ((maps.float() - low) / (high - low).clamp_min(1e-8)).clamp(0, 1)
+def colorize(maps: torch.Tensor, colormap: str = "Spectral_r", stretch: bool = True) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 3, H, W) in [0, 1]. With `stretch` each map is stretched between its
+    2nd and 98th percentiles so one bright pixel does not wash out the rest; without, the maps
+    must already be in [0, 1]."""
+    scaled = maps.detach().float()
+    if stretch:
+        flat = scaled.flatten(1)
+        low = flat.quantile(0.02, dim=1).view(-1, 1, 1, 1)
+        high = flat.quantile(0.98, dim=1).view(-1, 1, 1, 1)
+        scaled = (scaled - low) / (high - low).clamp_min(1e-8)
+    scaled = scaled.clamp(0, 1)
     index = (scaled * 255).round().long().squeeze(1)  # (B, H, W)
     return _lut(colormap).to(maps.device)[index].permute(0, 3, 1, 2)
 
@@ -33,19 +40,56 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * std + mean).clamp(0, 1)
 
 
+# Tiles are enlarged (by a whole factor, nearest neighbour) to at least this height, so a 128 px
+# student's maps are not postage stamps in TensorBoard.
+MIN_TILE_HEIGHT = 192
+COLUMN_TITLES = ("input", "teacher", "student", "|teacher - student|")
+BAR_HEIGHT, TEXT_HEIGHT = 10, 18
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().float().flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (x.float() - low) / (high - low).clamp_min(1e-8)
+
+
+def _labelled_strip(width: int, labels: list[tuple[int, str, str]]) -> torch.Tensor:
+    """(3, TEXT_HEIGHT, width) white strip; `labels` are (column, text, anchor 'mm'|'lm'|'rm')."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (width, TEXT_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=12)
+    for x, text, anchor in labels:
+        draw.text((x, TEXT_HEIGHT // 2), text, fill="black", font=font, anchor=anchor)
+    return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
+
+
+def _colour_bar(width: int, colormap: str) -> torch.Tensor:
+    """(3, BAR_HEIGHT, width): the colormap from its low end (left) to its high end (right)."""
+    ramp = torch.linspace(0, 1, width).view(1, 1, 1, width).expand(1, 1, BAR_HEIGHT, width)
+    return colorize(ramp.contiguous(), colormap, stretch=False)[0]
+
+
 def comparison_grid(images: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Rows of input | teacher | student | |error|, as one (3, B*H, 4*W) image in [0, 1].
+    """Rows of input | teacher | student | |error| under column titles, with colour bars that say
+    which end is near and far, as one (3, H, W) image in [0, 1].
 
     Teacher and student are min-max normalised per image first, since both are relative depth
     with arbitrary scale; the error is between those normalised maps."""
-
-    def unit(x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().float().flatten(1)
-        low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
-        return (x.float() - low) / (high - low).clamp_min(1e-8)
-
-    teacher_unit, student_unit = unit(teacher), unit(student)
-    columns = [denormalize(images), colorize(teacher_unit), colorize(student_unit),
-               colorize((teacher_unit - student_unit).abs(), "magma")]
-    rows = torch.cat(columns, dim=3)  # (B, 3, H, 4W)
-    return torch.cat(list(rows), dim=1).cpu()  # (3, B*H, 4W)
+    teacher_unit, student_unit = _unit(teacher), _unit(student)
+    columns = [denormalize(images), colorize(teacher_unit, stretch=False), colorize(student_unit, stretch=False),
+               colorize((teacher_unit - student_unit).abs(), "magma", stretch=False)]
+    rows = torch.cat(columns, dim=3).cpu()  # (B, 3, h, 4w)
+    factor = max(1, math.ceil(MIN_TILE_HEIGHT / rows.shape[-2]))
+    rows = F.interpolate(rows, scale_factor=factor, mode="nearest")
+    tile = rows.shape[-1] // 4
+    width = rows.shape[-1]
+    header = _labelled_strip(width, [(tile * i + tile // 2, title, "mm") for i, title in enumerate(COLUMN_TITLES)])
+    # Disparity: high (right end of the bar) is near. The error bar runs from equal to most different.
+    bars = torch.ones(3, BAR_HEIGHT, width)
+    bars[:, :, tile:3 * tile] = _colour_bar(2 * tile, "Spectral_r")
+    bars[:, :, 3 * tile:] = _colour_bar(width - 3 * tile, "magma")
+    legend = _labelled_strip(width, [(tile + 2, "far", "lm"), (3 * tile - 2, "near", "rm"),
+                                     (3 * tile + 2, "same", "lm"), (width - 2, "differs", "rm")])
+    return torch.cat([header, *rows, bars, legend], dim=1)  # (3, H, W)
