@@ -50,7 +50,8 @@ def step_consumption(path: str) -> tuple[dict[str, float], dict]:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = bench_config(args.teacher_size, args.student_size, args.batch_size, args.workers, tiny=False)
-    train, _, _ = build_datasets(cfg, None, *select_photos(cfg))  # no cache: no teacher needed
+    photos = select_photos(cfg)
+    train, _, _ = build_datasets(cfg, None, photos.train, photos.val)  # no cache: no teacher needed
     loader, _, _ = build_loaders(cfg, Accelerator(cpu=True), Cycled(train, args.items), None, None)
 
     start = time.perf_counter()

@@ -126,7 +126,8 @@ def build_runner(variant: Variant, args: argparse.Namespace, accelerator: Accele
     module = build_module(cfg, student, teacher).to(accelerator.device).train()
     optimizer = build_optimizer(cfg, module)
     # The trainer's own dataset (photos + TrainTransform, or with a cache CachedTeacherDataset) and loader.
-    train, _, _ = build_datasets(cfg, teacher, *select_photos(cfg))
+    photos = select_photos(cfg)
+    train, _, _ = build_datasets(cfg, teacher, photos.train, photos.val)
     length = (args.warmup + args.steps) * args.batch_size
     loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, length), None, None)
     return Runner(variant, None if variant.cached else teacher, module, optimizer, iter(loader), cfg.optim.grad_clip,

@@ -39,3 +39,16 @@ def photo_dir(tmp_path: Path) -> Path:
     for path in sorted(SAMPLES.glob("*.jpg"))[:4]:
         shutil.copy(path, folder / path.name)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Entry points called in-process set up logging for a command-line run; undo it, so one
+    test's handlers never write into the next test's output."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -53,10 +53,28 @@ def say(message: str, main_process: bool = True) -> None:
         tqdm.write(message, file=sys.stdout)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (tests and tqdm swap it), not to the
+    stream that was current when logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """INFO from this project; libraries only warn, unless --verbose brings their chatter back
     (accelerate's 8 lines per checkpoint, the scheduler warning when the first step is skipped)."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    root = logging.getLogger()
+    if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
     if verbose:
         return
     for name in ("accelerate", "torch", "transformers", "timm", "huggingface_hub"):

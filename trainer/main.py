@@ -1,7 +1,7 @@
 """Distil a frozen Depth Anything V2 teacher into a phone-sized student, then ship it as ONNX.
 
-    accelerate launch trainer/main.py --config trainer/configs/demo.yaml [section.key=value ...]
-    accelerate launch trainer/main.py --config FILE --resume latest     # continue a run
+    ./launch.sh --config trainer/configs/demo.yaml [section.key=value ...] [--overwrite] [--verbose]
+    accelerate launch trainer/main.py --config FILE --resume latest     # continue a run, as saved
 
 Read top to bottom: parse and check the configuration, build data, models, loss and optimizer,
 hand what trains to Accelerate, run the loop (train_step / evaluate / save), export at the end.
