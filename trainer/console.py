@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("trainer")
 
-# How long a process other than 0 waits before printing its own error: long enough for process
-# 0, failing the same way, to print and exit (the launcher then ends this one during the wait);
-# a failure of this process alone is still reported, a few seconds late.
-PEER_ERROR_GRACE_S = 5.0
+# How long a process other than 0 waits before printing its own error. Process 0, failing the
+# same way, prints it and exits, and the launcher then ends this process during the wait (under
+# trainer.launch, process 0's exit-code file ends the wait at once). Only a failure of this
+# process alone is still reported, that much later. Imports alone can put processes seconds apart.
+PEER_ERROR_GRACE_S = 30.0
 
 STATUS_FILE_ENV = "DEPTH_DISTILL_STATUS_FILE"  # set by trainer.launch: where process 0 leaves its exit code
 
@@ -30,11 +31,22 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _process_zero_ended(timeout: float) -> bool:
+    status_file = os.environ.get(STATUS_FILE_ENV)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if status_file and os.path.exists(status_file):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def print_error(message: str) -> None:
-    """`error: message` on stderr, once per launch: by process 0, or by another process if 0 is
-    still alive after the grace period (the failure was this process's own)."""
+    """`error: message` on stderr, once per launch: by process 0, or by another process whose
+    failure was its own (process 0 still running after the grace period)."""
     if launched_rank() != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        time.sleep(PEER_ERROR_GRACE_S)
+        if _process_zero_ended(PEER_ERROR_GRACE_S):
+            return
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
