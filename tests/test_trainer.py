@@ -328,3 +328,33 @@ def test_unloadable_models_are_one_line_errors(tmp_path, photo_dir, capsys, over
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and expected in error and len(error.splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def photos_and_lr(run_dir: Path) -> dict[float, float]:
+    """lr/decoder by train/photos_seen: the same axis on any number of processes."""
+    events = scalar_events(run_dir)
+    photos_at = dict(events["train/photos_seen"])
+    return {photos_at[step]: lr for step, lr in events["lr/decoder"]}
+
+
+@pytest.mark.parametrize("first, then, kill_after", [("cpu", "cpu_2proc", 2), ("cpu_2proc", "cpu", 2)])
+def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, photo_dir, first, then, kill_after):
+    """4 photos, batch 2 per process, 3 epochs = 12 photos: 6 steps on one process, 3 on two.
+    Before the schedule and the stopping point were counted in photos, 1 -> 2 processes resumed
+    at a step past the new total and trained nothing, and 2 -> 1 trained 3.67 epochs with the
+    cosine schedule stretched. (A resume at a photo count that is not a multiple of the new
+    photos per step ends at the first step past the planned count: at most one step more.)"""
+    args = ["train.epochs=3", "train.save_every=1", "data.val_fraction=0", "export.enabled=false",
+            "optim.warmup_steps=1"]
+    reference = tmp_path / "reference"
+    run_trainer(tiny_run_args(reference, photo_dir, *args), launcher=first)
+    run_dir = tmp_path / "run"
+    run_trainer(tiny_run_args(run_dir, photo_dir, *args), launcher=first, fault=f"sigkill@{kill_after}",
+                check=False)
+    run_trainer(tiny_run_args(run_dir, photo_dir, *args) + ["--resume", "latest"], launcher=then)
+    expected, resumed = photos_and_lr(reference), photos_and_lr(run_dir)
+    assert max(expected) == max(resumed) == 12
+    shared = set(expected) & set(resumed)
+    assert 12 in shared and len(shared) >= 2
+    for photos in shared:
+        assert resumed[photos] == pytest.approx(expected[photos], rel=1e-6), photos

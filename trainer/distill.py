@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -90,8 +91,9 @@ def build_optimizer(cfg: Config, module: DistillationModule) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up from ~0 to 1, then cosine down to `min_ratio`."""
+def warmup_cosine(step: float, warmup_steps: int, total_steps: float, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up from ~0 to 1, then cosine down to `min_ratio`.
+    `step` may be fractional (a position in the run measured in photos, see `build_scheduler`)."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -99,8 +101,17 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step by the loop (Accelerate's `step_scheduler_with_optimizer`
-    is off), so its unit is the step whatever the number of processes."""
+                    position: Callable[[], tuple[float, float]]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine over the run measured in photos, not steps: `position()` gives (photos
+    trained, photos in the whole run), both in units of the first launch's photos per step. A run
+    resumed on another number of processes then gets the same lr at each photo count.
+
+    The loop steps it once per optimizer step (Accelerate's `step_scheduler_with_optimizer` is
+    off). transformers' warm-up/cosine schedules count `scheduler.step()` calls, hence this one."""
     warmup, ratio = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total_steps, ratio))
+
+    def factor(_calls: int) -> float:  # a plain function: LambdaLR saves a callable object's state
+        done, total = position()
+        return warmup_cosine(done, warmup, total, ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

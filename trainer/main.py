@@ -90,12 +90,37 @@ class Progress:
     best_value: float = math.nan
     best_step: int = -1
     global_batch: int = 0  # photos per step over all processes when saved (to map a mid-epoch position)
+    # The run's length and schedule are in photos, so that a run resumed on another number of
+    # processes trains as much, with the same lr at each photo count. Photos are counted nominally:
+    # batch size x processes x accumulation per step. The unit is fixed by the first launch.
+    photos_seen: int = 0
+    photos_per_step_at_start: int = 0
+    photos_per_epoch_at_start: int = 0
+    total_photos: int = 0  # from train.epochs / train.max_steps (which a resume may change)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def plan(self, cfg: Config, photos_per_step: int, steps_per_epoch: int) -> None:
+        """Fix the units at the first launch; (re)compute the run's length in photos."""
+        if not self.photos_per_step_at_start:
+            self.photos_per_step_at_start = photos_per_step
+            self.photos_per_epoch_at_start = photos_per_step * steps_per_epoch
+            self.photos_seen = self.step * photos_per_step  # 0, or a state saved before photos were counted
+        unit = self.photos_per_step_at_start
+        t = cfg.train
+        self.total_photos = t.max_steps * unit if t.max_steps else t.epochs * self.photos_per_epoch_at_start
+
+    def schedule_position(self) -> tuple[float, float]:
+        """(photos trained, photos in the run), in first-launch steps: the lr schedule's axis."""
+        unit = self.photos_per_step_at_start or 1
+        return self.photos_seen / unit, self.total_photos / unit
+
+    def steps_left(self, photos_per_step: int) -> int:
+        return max(0, math.ceil((self.total_photos - self.photos_seen) / photos_per_step))
 
 
 class StopRequested:
@@ -278,11 +303,12 @@ class Trainer:
     """Holds what the loop needs between steps; each method does one thing of the loop."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, module, teacher, optimizer, scheduler,
-                 train_loader, val_loader, labeled_loader, progress: Progress, total_steps: int):
+                 train_loader, val_loader, labeled_loader, progress: Progress, photos_per_step: int):
         self.cfg, self.accelerator, self.module, self.teacher = cfg, accelerator, module, teacher
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader, self.labeled_loader = train_loader, val_loader, labeled_loader
-        self.progress, self.total_steps = progress, total_steps
+        self.progress, self.photos_per_step = progress, photos_per_step
+        self.total_steps = progress.step + progress.steps_left(photos_per_step)  # for the progress bar
         self.run_dir = cfg.run_dir
         self.stop = StopRequested()
         self.sums: dict[str, torch.Tensor] = {}  # detached running sums, reduced at log time
@@ -338,6 +364,7 @@ class Trainer:
                            f"step skipped ({self.progress.nonfinite_in_a_row} in a row)")
         else:
             self.progress.nonfinite_in_a_row = 0
+        self.progress.photos_seen += self.photos_per_step  # skipped steps too, like the step count
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -376,6 +403,7 @@ class Trainer:
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm
         values["train/bad_images"] = self.progress.bad_images
+        values["train/photos_seen"] = self.progress.photos_seen  # the same x-axis on any number of processes
         values["train/nonfinite_steps"] = self.progress.nonfinite_steps
         self.accelerator.log(values, step=self.progress.step)
         self.sums, self.steps_since_log, self.images_since_log = {}, 0, 0
@@ -438,7 +466,7 @@ class Trainer:
                    disable=not acc.is_main_process)
         self.module.train()
         accum = cfg.optim.grad_accum_steps
-        while progress.step < self.total_steps:
+        while progress.photos_seen < progress.total_photos:
             self.train_loader.dataset.epoch = progress.epoch
             self.train_loader.set_epoch(progress.epoch)
             loader = self.train_loader
@@ -491,7 +519,7 @@ class Trainer:
                     return EXIT_OK
                 if self.fault is not None:
                     self.fault.after_step(progress.step, acc.process_index)
-                if progress.step >= self.total_steps:
+                if progress.photos_seen >= progress.total_photos:
                     break
             else:  # the epoch ran to its end
                 progress.epoch += 1
@@ -654,18 +682,19 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     module = build_module(cfg, student, teacher, with_features=uses_live_teacher_features(cfg))
     optimizer = build_optimizer(cfg, module)
     train_loader, val_loader, labeled_loader = build_loaders(cfg, accelerator, train, val, labeled)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.optim.grad_accum_steps)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * max(1, steps_per_epoch)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    progress = Progress()
+    scheduler = build_scheduler(cfg, optimizer, progress.schedule_position)
     module, optimizer, scheduler, train_loader = accelerator.prepare(module, optimizer, scheduler, train_loader)
     val_loader, labeled_loader = (accelerator.prepare(x) if x is not None else None
                                   for x in (val_loader, labeled_loader))
-    progress = Progress()
     accelerator.register_for_checkpointing(progress)
     state = None
     if resume:
         state = load_training_state(accelerator, states)
     remap_epoch_position(progress, accelerator.num_processes * cfg.train.batch_size)
+    photos_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
+    progress.plan(cfg, photos_per_step, max(1, math.ceil(len(train_loader) / cfg.optim.grad_accum_steps)))
+    total_steps = progress.step + progress.steps_left(photos_per_step)
     say(start_summary(cfg, accelerator, photos, teacher, student, total_steps, state), main_process)
     if state is not None:
         say(f"resumed from {state} at step {progress.step} (epoch {progress.epoch}, batch "
@@ -674,7 +703,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     if not resume:
         log_hparams(accelerator, cfg, labeled is not None)
     trainer = Trainer(cfg, accelerator, module, teacher, optimizer, scheduler, train_loader, val_loader,
-                      labeled_loader, progress, total_steps)
+                      labeled_loader, progress, photos_per_step)
     with logging_redirect_tqdm():
         code = trainer.fit()
         trainer.report_unreadable()
