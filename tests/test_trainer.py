@@ -358,3 +358,15 @@ def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, 
     assert 12 in shared and len(shared) >= 2
     for photos in shared:
         assert resumed[photos] == pytest.approx(expected[photos], rel=1e-6), photos
+
+
+def test_a_failed_final_save_exits_non_zero_and_says_what_was_kept(tmp_path, photo_dir):
+    """A full disk at the end of a run used to end in exit code 0."""
+    run_dir = tmp_path / "run"
+    result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=2",
+                                       "data.val_fraction=0"), fault="diskfull@3", check=False)
+    assert result.returncode == 4, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not save the end of the run at step 4" in errors[0]
+    assert str(run_dir / "checkpoints" / "step_00000002") in errors[0]
+    assert not (run_dir / "student.onnx").exists() and not (run_dir / "student_last").exists()

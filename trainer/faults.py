@@ -5,10 +5,13 @@ at an exact step, the way real runs fail. Unset (always, outside tests) it does 
     sigterm@K      SIGTERM to itself after step K (a cluster's pre-emption notice)
     nan@K[:R]      the loss of step K+1 is NaN on process R (every process if R is left out)
     nan@*[:R]      ... on every step
+    diskfull@K[:R] from step K on, every save (training state, student folder) on process R fails
+                   as on a full disk (OSError ENOSPC)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -30,8 +33,9 @@ class Fault:
             return None
         kind, _, where = spec.partition("@")
         step, _, rank = where.partition(":")
-        if kind not in ("sigkill", "sigterm", "nan") or not step:
-            raise ValueError(f"{FAULT_ENV}={spec!r} is not one of sigkill@K, sigterm@K, nan@K[:RANK], nan@*[:RANK]")
+        if kind not in ("sigkill", "sigterm", "nan", "diskfull") or not step:
+            raise ValueError(f"{FAULT_ENV}={spec!r} is not one of sigkill@K, sigterm@K, nan@K[:RANK], nan@*[:RANK], "
+                             f"diskfull@K[:RANK]")
         return cls(kind, None if step == "*" else int(step), int(rank) if rank else None)
 
     def _hits(self, step: int, rank: int) -> bool:
@@ -44,3 +48,22 @@ class Fault:
     def after_step(self, step: int, rank: int) -> None:
         if self.kind in ("sigkill", "sigterm") and self._hits(step, rank):
             os.kill(os.getpid(), signal.SIGKILL if self.kind == "sigkill" else signal.SIGTERM)
+
+    def install(self, accelerator, student, progress) -> None:
+        """diskfull: make this process's saves fail from step K on, where the trainer writes (its
+        own save helpers are what is tested, untouched)."""
+        if self.kind != "diskfull":
+            return
+
+        def failing(save):
+            def save_or_fail(*args, **kwargs):
+                if self._hits_from(progress.step, accelerator.process_index):
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+                return save(*args, **kwargs)
+            return save_or_fail
+
+        accelerator.save_state = failing(accelerator.save_state)
+        student.save_pretrained = failing(student.save_pretrained)
+
+    def _hits_from(self, step: int, rank: int) -> bool:
+        return (self.step is None or step >= self.step) and (self.rank is None or self.rank == rank)

@@ -37,7 +37,7 @@ from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, Stal
 from data.datasets import _decode_max_side
 from modeling import StudentLoadError, TeacherLoadError, load_student
 from trainer.cache_teacher import open_cache
-from trainer.checkpoint import (STATES_DIR, CheckpointError, all_finite, all_processes_agree,
+from trainer.checkpoint import (STATES_DIR, CheckpointError, all_finite, all_processes_agree, complete_states,
                                 load_training_state, resume_candidates, save_student, save_training_state)
 from trainer.config import Config, ConfigError, flat_hparams, load_config, resume_config, to_yaml
 from trainer.console import (ArgumentParser, UnreadableReporter, count_parameters, plural, print_error,
@@ -54,7 +54,7 @@ from trainer.visualize import comparison_grid
 
 logger = get_logger(__name__)
 
-EXIT_OK, EXIT_SETUP, EXIT_NONFINITE, EXIT_EXPORT = 0, 1, 2, 3
+EXIT_OK, EXIT_SETUP, EXIT_NONFINITE, EXIT_EXPORT, EXIT_SAVE_FAILED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED_EARLY = 130  # Ctrl-C before training started: nothing to save
 
 
@@ -317,7 +317,7 @@ class Trainer:
         self.paused_since_log = 0.0
         self.train_seconds, self.photos_trained = 0.0, 0  # this launch, for the end summary
         self.last_eval_step = -1
-        self.last_saved_step = -1
+        self.last_saved_step, self.last_save_ok = -1, False
         self.val_metrics: dict[str, dict[str, float]] = {}
         # (index, valid) of every micro-batch since the last log, still on the device: reading
         # them is left to the log step, which synchronises anyway.
@@ -325,6 +325,8 @@ class Trainer:
         self.unreadable_train = UnreadableReporter(train_loader.dataset.dataset, "training")
         self.unreadable_val = None if val_loader is None else UnreadableReporter(val_loader.dataset, "validation")
         self.fault = Fault.from_env()
+        if self.fault is not None:
+            self.fault.install(accelerator, self.student, progress)
         self.stop_agreed = False
         self.float_buffers = [b for b in module.buffers() if b.is_floating_point()]
 
@@ -449,16 +451,36 @@ class Trainer:
                 save_student(self.student, self.run_dir / "student_best")
         self.accelerator.wait_for_everyone()
 
-    def save_state(self) -> None:
+    def save_state(self) -> bool:
+        """Collective. True if the state of this step is on disk (saved now or just before)."""
         if self.progress.step == self.last_saved_step:  # the last step was a save step already
-            return
-        self.last_saved_step = self.progress.step
+            return self.last_save_ok
+        self.last_saved_step, self.last_save_ok = self.progress.step, False
         if not all_processes_agree(self.accelerator, all_finite(self.module)):  # all skip, or none
             logger.error(f"step {self.progress.step}: weights are not finite; training state not saved")
-            return
+            return False
         path = save_training_state(self.accelerator, self.run_dir, self.progress.step, self.cfg.train.keep_last)
         if path is not None:
             logger.info(f"saved training state {path}")
+        self.last_save_ok = path is not None
+        return self.last_save_ok
+
+    def save_final(self) -> bool:
+        """Collective: the last training state, then `student_last`. False (with one error line
+        saying what was kept) if either failed on any process."""
+        state_saved = self.save_state()
+        student_saved = save_student(self.student, self.run_dir / "student_last") if self.accelerator.is_main_process \
+            else True
+        if all_processes_agree(self.accelerator, state_saved and student_saved):
+            return True
+        if self.accelerator.is_main_process:
+            states = complete_states(self.run_dir)
+            kept = [str(states[-1]) if states else "no training state"]
+            kept += [str(self.run_dir / name) for name in ("student_best", "student_last")
+                     if (self.run_dir / name).is_dir()]
+            print(f"error: could not save the end of the run at step {self.progress.step} (full disk? see the "
+                  f"log above); kept: {', '.join(kept)}", file=sys.stderr, flush=True)
+        return False
 
     def fit(self) -> int:
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
@@ -709,11 +731,10 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
         trainer.report_unreadable()
         if code == EXIT_OK and not trainer.stop_agreed:
             trainer.run_evaluation()
-            trainer.save_state()
-            if main_process:
-                save_student(trainer.student, cfg.run_dir / "student_last")
-                if cfg.export.enabled:
-                    code = export_final(cfg, trainer.student)
+            if not trainer.save_final():
+                code = EXIT_SAVE_FAILED
+            elif main_process and cfg.export.enabled:
+                code = export_final(cfg, trainer.student)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not trainer.stop_agreed:
