@@ -317,3 +317,53 @@ def test_a_usage_mistake_is_one_line_with_exit_code_1(module, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and len(error.splitlines()) == 1
     assert "--no-such-flag" in error or "required" in error
+
+
+# --- several nodes (issue 10): two launchers over 127.0.0.1, one process each -----------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(args_of_node) -> list[subprocess.CompletedProcess]:
+    port = str(_free_port())
+    env = {**os.environ, **LAUNCH_ENV, "ACCELERATE_USE_CPU": "true"}
+    env.pop("DEPTH_DISTILL_FAULT", None)
+    nodes = [subprocess.Popen([sys.executable, "-m", "trainer.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
+                               "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", port, "--num_processes", "2", *args_of_node(rank)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    results = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return results
+
+
+def test_two_nodes_over_loopback_train_like_two_processes_on_one(tmp_path, photo_dir):
+    from tests.test_trainer import assert_same_weights, final_student
+
+    extra = ["train.max_steps=3", "data.val_fraction=0", "export.enabled=false"]
+    one_node = tmp_path / "one_node"
+    run_trainer(tiny_run_args(one_node, photo_dir, *extra), launcher="cpu_2proc")
+    two_nodes = tmp_path / "two_nodes"
+    node0, node1 = launch_two_nodes(lambda rank: tiny_run_args(two_nodes, photo_dir, *extra))
+    assert node0.returncode == node1.returncode == 0, node0.stderr[-2000:] + node1.stderr[-2000:]
+    assert_same_weights(final_student(two_nodes), final_student(one_node))
+    assert "done after" in node0.stdout and not node1.stdout.strip()  # only the global main process speaks
+    assert "distill:" not in node1.stderr  # no second progress bar
+
+
+def test_two_nodes_without_a_shared_output_dir_stop_with_one_line_each(tmp_path, photo_dir):
+    """Each node here writes to its own folder, as nodes do on their own disks: the run used to go
+    on, leaving orphaned .tmp_ states on one node (and a resume hung the other node forever)."""
+    nodes = launch_two_nodes(lambda rank: tiny_run_args(tmp_path / f"disk_of_node{rank}" / "run", photo_dir,
+                                                        "train.max_steps=3"))
+    for node in nodes:
+        assert_one_clean_error(node, 1, "is not shared by all processes")
+    assert not (tmp_path / "disk_of_node0" / "run" / "checkpoints").exists()

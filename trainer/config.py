@@ -121,6 +121,10 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     max_nonfinite_steps: int = 20  # consecutive skipped steps before giving up
+    # How long a process waits for its peers (joining the group, any collective) before the run
+    # ends with a message: a dead peer on another node must not leave the others hanging forever.
+    # Longer than the slowest save or evaluation that one process does while the others wait.
+    process_group_timeout_s: int = 1800
 
 
 @dataclass
@@ -235,7 +239,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 # resources it uses. Anything else (models, sizes, data, losses, optimizer, seed) would make the
 # resumed run a different run from the one whose state it loads.
 RESUMABLE_KEYS = ("run_name", "output_dir", "train.epochs", "train.max_steps", "train.save_every",
-                  "train.keep_last", "train.max_nonfinite_steps", "train.compile", "data.num_workers",
+                  "train.keep_last", "train.max_nonfinite_steps", "train.compile", "train.process_group_timeout_s",
+                  "data.num_workers",
                   "eval.every", "eval.batch_size", "log.", "export.")
 
 
@@ -345,6 +350,7 @@ def validate(cfg: Config) -> None:
     if t.mixed_precision is not None:
         _check_choice(t.mixed_precision, "train.mixed_precision", MIXED_PRECISION)
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    _check(t.process_group_timeout_s >= 10, "train.process_group_timeout_s", "must be >= 10 (seconds)")
 
     e = cfg.eval
     _check(e.every is None or e.every >= 1, "eval.every", "must be >= 1 or null")

@@ -41,9 +41,14 @@ def _process_zero_ended(timeout: float) -> bool:
     return False
 
 
-def print_error(message: str) -> None:
+def print_error(message: str, agreed: bool = False) -> None:
     """`error: message` on stderr, once per launch: by process 0, or by another process whose
-    failure was its own (process 0 still running after the grace period)."""
+    failure was its own (process 0 still running after the grace period). An error all processes
+    `agreed` on is printed at once by the first process of each node."""
+    if agreed:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return
     if launched_rank() != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if _process_zero_ended(PEER_ERROR_GRACE_S):
             return

@@ -6,6 +6,11 @@ class RunError(RuntimeError):
     `error:` line and exit 1."""
 
 
+class AgreedRunError(RunError):
+    """A RunError that every process raises together, after agreeing on it: each node reports it
+    once (its first process), at once."""
+
+
 def first_line(error: BaseException) -> str:
     """`Type: first line of the message` (just `Type` when there is no message)."""
     text = str(error).strip()

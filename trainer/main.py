@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # `accelerate launch trainer/main.py` runs this f
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -43,13 +44,14 @@ from trainer.config import Config, ConfigError, flat_hparams, load_config, resum
 from trainer.console import (ArgumentParser, UnreadableReporter, count_parameters, plural, print_error,
                              record_exit_code, say, setup_logging)
 from trainer.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
-from trainer.errors import RunError
+from trainer.errors import AgreedRunError, RunError
 from trainer.evaluate import evaluate, format_table
 from trainer.export import ExportError, export_student
 from trainer.faults import Fault
 from trainer.metrics import LOWER_IS_BETTER
 from trainer.processes import check_world_size, die_with_launcher
-from trainer.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, start_run, write_config
+from trainer.run_dir import (CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, check_shared, holds_run, start_run,
+                             write_config)
 from trainer.visualize import comparison_grid
 
 logger = get_logger(__name__)
@@ -388,17 +390,22 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.unreadable_train.report(found)
 
+    def close_window(self) -> float:
+        """Training photos/s since the last call, added to the run's totals (no collective)."""
+        elapsed = time.perf_counter() - self.time_of_log - self.paused_since_log
+        photos = self.images_since_log * self.accelerator.num_processes
+        self.train_seconds += elapsed
+        self.photos_trained += photos
+        self.images_since_log, self.time_of_log, self.paused_since_log = 0, time.perf_counter(), 0.0
+        return photos / max(elapsed, 1e-9)
+
     def log_scalars(self, grad_norm: Optional[float]) -> dict[str, float]:
         self.report_unreadable()
         names = sorted(self.sums)
         means = self.accelerator.reduce(torch.stack([self.sums[n] for n in names]), "mean")
         count = max(1, self.steps_since_log)
         values = {f"train/{n}": v / count for n, v in zip(names, means.tolist())}
-        elapsed = time.perf_counter() - self.time_of_log - self.paused_since_log
-        photos = self.images_since_log * self.accelerator.num_processes
-        values["train/images_per_s"] = photos / max(elapsed, 1e-9)
-        self.train_seconds += elapsed
-        self.photos_trained += photos
+        values["train/images_per_s"] = self.close_window()
         for group in self.optimizer.param_groups:
             if not group["name"].endswith("_no_decay"):  # same lr as its decayed twin
                 values[f"lr/{group['name']}"] = group["lr"]
@@ -408,8 +415,7 @@ class Trainer:
         values["train/photos_seen"] = self.progress.photos_seen  # the same x-axis on any number of processes
         values["train/nonfinite_steps"] = self.progress.nonfinite_steps
         self.accelerator.log(values, step=self.progress.step)
-        self.sums, self.steps_since_log, self.images_since_log = {}, 0, 0
-        self.time_of_log, self.paused_since_log = time.perf_counter(), 0.0
+        self.sums, self.steps_since_log = {}, 0
         return values
 
     def log_images(self, outputs) -> None:
@@ -655,6 +661,27 @@ def end_summary(cfg: Config, trainer: "Trainer", wall_seconds: float, code: int)
     return "\n".join(lines)
 
 
+def join_processes(cfg: Config) -> Accelerator:
+    """The Accelerator, which joins this process to its peers (if any) within
+    `train.process_group_timeout_s`: a peer that died during set-up, on this node or another,
+    ends the wait with a message instead of a silent hang."""
+    try:
+        return Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+            gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+            project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir)),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # The loop steps the scheduler itself, once per optimizer step (skipped ones included).
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.process_group_timeout_s))])
+    except (RuntimeError, ValueError) as error:  # torch's DistStoreError / timeouts derive from RuntimeError
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        raise RunError(f"the other processes did not join within train.process_group_timeout_s="
+                       f"{cfg.train.process_group_timeout_s} s: one failed during set-up (see its node's output) "
+                       f"or cannot be reached (MAIN_PROCESS_IP, port, firewall)") from None
+
+
 def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]) -> int:
     started = time.perf_counter()
     check_run_dir(cfg.run_dir, resume, overwrite)
@@ -662,14 +689,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     photos = select_photos(cfg)
     teacher = build_teacher(cfg)
     train, val, labeled = build_datasets(cfg, teacher, photos.train, photos.val)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
-        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # The loop steps the scheduler once per counted optimizer step itself (skipped ones
-        # included), so the schedule is in steps whatever the process count or grad scaler does.
-        step_scheduler_with_optimizer=False)
+    accelerator = join_processes(cfg)
     check_world_size(accelerator)
     set_seed(cfg.seed)
     if cfg.train.deterministic:
@@ -688,6 +708,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
             deleted = start_run(cfg.run_dir, to_yaml(cfg), overwrite)
             if deleted:
                 say(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {cfg.run_dir}")
+    check_shared(accelerator, cfg.run_dir)
 
     teacher.to(accelerator.device)
     if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
@@ -728,6 +749,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
                       labeled_loader, progress, photos_per_step)
     with logging_redirect_tqdm():
         code = trainer.fit()
+        trainer.close_window()
         trainer.report_unreadable()
         if code == EXIT_OK and not trainer.stop_agreed:
             trainer.run_evaluation()
@@ -754,7 +776,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg, resume, messages = resolve_config(args)
         code = run(cfg, resume, args.overwrite, messages)
     except USER_ERRORS as error:
-        print_error(str(error))
+        print_error(str(error), agreed=isinstance(error, AgreedRunError))
         code = EXIT_SETUP
     except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal: nothing to save yet
         print("interrupted before training started; nothing was saved", file=sys.stderr)

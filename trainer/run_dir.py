@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-from trainer.checkpoint import STATES_DIR
-from trainer.errors import RunError, first_line
+from accelerate.utils import broadcast_object_list
+
+from trainer.checkpoint import STATES_DIR, all_processes_agree
+from trainer.errors import AgreedRunError, RunError, first_line
 
 RUN_MARKER = "depth_distill_run.json"
 CONFIG_FILE = "config.yaml"
@@ -88,6 +91,27 @@ def start_run(run_dir: Path, config_yaml: str, overwrite: bool) -> list[str]:
                                                   "outputs": list(RUN_OUTPUTS)}, indent=1) + "\n")
     write_config(run_dir, config_yaml)
     return deleted
+
+
+def check_shared(accelerator, run_dir: Path) -> None:
+    """Collective. Every process must see what process 0 writes in the run folder: on several
+    nodes without a shared filesystem each node would keep its own half-written checkpoints, and a
+    resume would find the run on one node only and hang the others."""
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = Path(run_dir) / f".shared_check_{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_text(token[0])
+    accelerator.wait_for_everyone()
+    seen = probe.is_file() and probe.read_text() == token[0]
+    all_see = all_processes_agree(accelerator, seen)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    if not all_see:
+        raise AgreedRunError(f"output_dir {run_dir} is not shared by all processes: some do not see the files "
+                             f"process 0 writes there (another node's disk?); a multi-node run needs output_dir "
+                             f"on a filesystem every node mounts (NFS, Lustre, a cloud file share)")
 
 
 def write_config(run_dir: Path, config_yaml: str) -> None:
