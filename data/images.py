@@ -12,6 +12,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer.errors import first_line
+
 # iPhones save HEIC by default. pillow-heif is a dependency, but the package must still import
 # without it: .heic files are then listed all the same, and each is reported as needing it.
 try:
@@ -212,11 +214,11 @@ def describe_unreadable(path: str | Path, error: BaseException) -> str:
         with open(path, "rb") as file:
             header = file.read(_HEADER_BYTES)
     except OSError as read_error:  # missing, a folder, no permission: the error says which
-        return f"cannot be read ({_first_line(read_error)})"
+        return f"cannot be read ({first_line(read_error)})"
     if not header:
         return "empty file"
     if isinstance(error, Image.DecompressionBombError):
-        return f"too large ({_first_line(error)})"
+        return f"too large ({first_line(error)})"
     kind = _image_format(header)
     if kind == "HEIC":
         return _describe_heic(path, error)
@@ -228,7 +230,7 @@ def describe_unreadable(path: str | Path, error: BaseException) -> str:
             return f"not an image ({content})"
         if isinstance(error, UnidentifiedImageError):
             return f"not an image (unknown format, first bytes {header[:4].hex(' ')})"
-        return f"unreadable ({_first_line(error)})"
+        return f"unreadable ({first_line(error)})"
     if _is_truncation(error):
         return f"truncated {kind}"
     return f"corrupt {kind} ({_error_detail(error)})"
@@ -312,9 +314,4 @@ def _is_truncation(error: BaseException) -> bool:
 def _error_detail(error: BaseException) -> str:
     if isinstance(error, UnidentifiedImageError):  # its message is just "cannot identify image file <path>"
         return "its header cannot be parsed"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return first_line(error)

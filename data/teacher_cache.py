@@ -33,8 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from trainer.errors import first_line
+
 from .datasets import _blank_views, _decode_max_side
-from .images import _first_line, describe_unreadable, list_images, load_rgb, split_train_val
+from .images import describe_unreadable, list_images, load_rgb, split_train_val
 from .transforms import EvalTransform, TrainTransform
 
 CACHE_VERSION = 1
@@ -360,7 +362,7 @@ class CachedTeacherDataset(Dataset):
         except StaleCacheError as error:
             return str(error)
         except Exception as error:  # a damaged shard: safetensors' own errors
-            return f"its teacher map in {self.cache.cache_dir} cannot be read ({_first_line(error)})"
+            return f"its teacher map in {self.cache.cache_dir} cannot be read ({first_line(error)})"
         return ""
 
     def _select(self, sample: dict) -> dict:

@@ -21,6 +21,7 @@ from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from modeling.decoder import MiniDPT
+from trainer.errors import first_line
 
 # Encoder stages fed to the decoder: strides 4, 8, 16, 32 (timm's feature index 0 is stride 2).
 ENCODER_OUT_INDICES = (1, 2, 3, 4)
@@ -52,9 +53,8 @@ def create_encoder(backbone: str, pretrained: bool = False) -> nn.Module:
     except (OSError, RuntimeError) as error:  # hub unreachable, weights missing
         if not pretrained:
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StudentLoadError(
-            f"could not fetch pretrained weights for student backbone '{backbone}' ({reason}). "
+            f"could not fetch pretrained weights for student backbone '{backbone}' ({first_line(error)}). "
             f"Fixes: student.pretrained=false (random init), HF_HUB_OFFLINE=1 with the weights in the "
             f"Hugging Face cache, or the offline demo config (trainer/configs/demo.yaml)") from None
 
@@ -117,11 +117,6 @@ class StudentDepthModel(nn.Module, PyTorchModelHubMixin, library_name="depth-dis
         return disparity
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def _read_config(folder: Path) -> dict:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -129,7 +124,7 @@ def _read_config(folder: Path) -> dict:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
-        raise StudentLoadError(f"{config_path} is not valid JSON ({_short(error)}); "
+        raise StudentLoadError(f"{config_path} is not valid JSON ({first_line(error)}); "
                                f"copy the folder again or save the student again") from None
     if not isinstance(config, dict):
         raise StudentLoadError(f"{config_path} holds {type(config).__name__}, not a student config (a JSON object)")
@@ -146,20 +141,20 @@ def _build_from_config(config: dict, config_path: Path) -> StudentDepthModel:
     except StudentLoadError as error:  # unknown backbone
         raise StudentLoadError(f"{config_path}: {error}") from None
     except Exception as error:  # a value of the wrong type or size
-        raise StudentLoadError(f"{config_path} does not describe a student ({_short(error)})") from None
+        raise StudentLoadError(f"{config_path} does not describe a student ({first_line(error)})") from None
 
 
 def _load_weights(model: StudentDepthModel, weights_path: Path) -> None:
     try:
         state = load_file(str(weights_path), device="cpu")
     except Exception as error:  # SafetensorError for a bad header; truncated files raise others too
-        raise StudentLoadError(f"{weights_path} is corrupt or truncated ({_short(error)}); "
+        raise StudentLoadError(f"{weights_path} is corrupt or truncated ({first_line(error)}); "
                                f"copy the folder again or save the student again") from None
     try:
         model.load_state_dict(state, strict=True)  # strict: a partial file must not load half a student
     except RuntimeError as error:
         raise StudentLoadError(f"{weights_path} does not match {CONFIG_NAME} beside it "
-                               f"({_short(error)})") from None
+                               f"({first_line(error)})") from None
 
 
 def load_student(path: str | Path) -> StudentDepthModel:

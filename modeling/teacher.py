@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
+from trainer.errors import first_line
+
 PATCH_SIZE = 14
 # Short names for the official V2 checkpoints; any other hub id or local directory works too.
 TEACHER_PRESETS = {
@@ -50,7 +52,7 @@ def tiny_config() -> DepthAnythingConfig:
 
 
 def _load_error(name: str, error: Exception) -> TeacherLoadError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     # huggingface_hub reads HF_HUB_OFFLINE once, at import: ask it rather than the environment.
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         where = "offline mode (HF_HUB_OFFLINE) and it is not in the cache"
@@ -124,7 +126,19 @@ class DepthAnythingTeacher(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return next(self.model.backbone.parameters()).dtype
+
+    def place(self, device: torch.device | str, mixed_precision: Optional[str] = None) -> "DepthAnythingTeacher":
+        """Put the teacher on `device` the one way training, the cache writer and evaluation share,
+        so cached and live targets come from the same numbers. On a GPU with bf16/fp16 the backbone
+        and neck are cast to half precision (frozen weights need no fp32 copy: half the memory); the
+        depth head stays fp32 and runs outside autocast (see `forward`)."""
+        self.to(device)
+        if torch.device(device).type == "cuda" and mixed_precision in ("bf16", "fp16"):
+            half = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+            self.model.backbone.to(half)
+            self.model.neck.to(half)
+        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, output_size: Optional[tuple[int, int]] = None) -> TeacherOutput:
@@ -139,7 +153,12 @@ class DepthAnythingTeacher(nn.Module):
         # feature maps the neck reads are available without a second backbone pass.
         feature_maps = self.model.backbone(images).feature_maps  # each (B, 1 + N, C)
         neck_maps = self.model.neck(list(feature_maps), grid_h, grid_w)
-        disparity = self.model.head(neck_maps, grid_h, grid_w).unsqueeze(1).float()  # (B, 1, H, W)
+        # The head in fp32, outside any autocast: in bf16 its output is rounded to ~0.4%, a
+        # stepped map whose finite differences the gradient loss would then match.
+        head_dtype = next(self.model.head.parameters()).dtype
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            neck_maps = [m.to(head_dtype) for m in neck_maps]
+            disparity = self.model.head(neck_maps, grid_h, grid_w).unsqueeze(1).float()  # (B, 1, H, W)
         if output_size is not None and tuple(output_size) != (height, width):
             disparity = F.interpolate(disparity, size=tuple(output_size), mode="bilinear", align_corners=False)
         features = []

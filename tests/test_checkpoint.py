@@ -87,3 +87,13 @@ def test_student_copy_refuses_non_finite_weights_and_keeps_the_previous(student,
     assert not save_student(broken, target)
     assert "non-finite" in caplog.text
     assert (target / "model.safetensors").read_bytes() == before
+
+
+def test_states_are_ordered_by_the_step_their_marker_records(tmp_path):
+    """A folder name says nothing once a user copies or renames a state; the marker does."""
+    root = tmp_path / "checkpoints"
+    for name, step in (("step_00000009", 9), ("step_00000010_copy", 10), ("step_00000002", 2)):
+        (root / name).mkdir(parents=True)
+        (root / name / COMPLETE_MARKER).write_text(f"{step}\n")
+    (root / "step_00000099").mkdir()  # no marker: unfinished
+    assert [p.name for p in complete_states(tmp_path)] == ["step_00000002", "step_00000009", "step_00000010_copy"]

@@ -238,3 +238,22 @@ def test_summary_counts(capsys):
     lines = dict(re.findall(r"^(\w[^\n]*?)\s{2,}([\d.]+) M$", capsys.readouterr().out, re.M))
     assert float(lines["teacher (Depth-Anything-V2-Small)"]) == pytest.approx(24.785, abs=0.01)
     assert float(lines["student (mobilevit_xs + MiniDPT w64)"]) < 4
+
+
+def test_a_half_precision_teacher_keeps_its_depth_head_in_fp32():
+    """On a GPU with bf16 `place` casts backbone and neck only (done by hand here, on the CPU):
+    the disparity is then not rounded to bf16's ~0.4% steps before the gradient loss sees it."""
+    from modeling import DepthAnythingTeacher
+
+    reference = DepthAnythingTeacher.tiny()
+    teacher = DepthAnythingTeacher.tiny()
+    teacher.model.backbone.to(torch.bfloat16)
+    teacher.model.neck.to(torch.bfloat16)
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        disparity = teacher(images).disparity
+    expected = reference(images).disparity
+    assert disparity.dtype == torch.float32 and teacher.dtype == torch.bfloat16
+    assert next(teacher.model.head.parameters()).dtype == torch.float32
+    assert not torch.equal(disparity, disparity.bfloat16().float())  # values between bf16's steps
+    torch.testing.assert_close(disparity, expected, rtol=0.1, atol=0.05 * expected.abs().max().item())

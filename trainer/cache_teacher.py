@@ -53,7 +53,7 @@ def teacher_config_hash(teacher: DepthAnythingTeacher) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in teacher.model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())  # fp32: same before and after a half cast
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())  # call it before any half-precision cast
     return digest.hexdigest()[:16]
 
 
@@ -76,7 +76,9 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
     except (FileNotFoundError, ValueError) as error:  # a missing or empty folder
         raise ConfigError(f"data.train_dir: {error}") from None
     check_cache_dir(cache_dir)  # on every process, so all of them stop together on a refusal
-    teacher = (teacher or build_teacher(cfg)).to(accelerator.device)
+    teacher = teacher or build_teacher(cfg)
+    fingerprint = teacher_config_hash(teacher)  # of the weights as loaded, before any half-precision cast
+    teacher.place(accelerator.device, accelerator.mixed_precision)
     if accelerator.is_main_process:
         clear_cache(cache_dir)
     accelerator.wait_for_everyone()
@@ -108,7 +110,7 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
                "megabytes": sum(size for _, size in shares) / 1e6}
     if accelerator.is_main_process:
         write_index(cache_dir, entries, {
-            "teacher": cfg.teacher.name, "teacher_config_hash": teacher_config_hash(teacher),
+            "teacher": cfg.teacher.name, "teacher_config_hash": fingerprint,
             "cache_size": d.teacher_size, "train_dir": str(d.train_dir),
             "num_images": summary["num_images"], "num_skipped": num_skipped})
     accelerator.wait_for_everyone()

@@ -43,14 +43,22 @@ def all_processes_agree(accelerator: Accelerator, ok: bool) -> bool:
     return accelerator.reduce(flag, "sum").item() == accelerator.num_processes
 
 
+def _saved_step(state: Path) -> Optional[int]:
+    """The step written into a state's COMPLETE marker (None: not a finished state)."""
+    try:
+        return int((state / COMPLETE_MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def complete_states(run_dir: Path) -> list[Path]:
-    """Finished training states of a run, oldest first (by step, not by folder time)."""
+    """Finished training states of a run, oldest first, by the step their marker records (not by
+    folder name or time: a renamed or copied folder keeps its place)."""
     root = Path(run_dir) / STATES_DIR
     if not root.is_dir():
         return []
-    states = [p for p in root.iterdir()
-              if p.is_dir() and p.name.startswith(STATE_PREFIX) and (p / COMPLETE_MARKER).is_file()]
-    return sorted(states, key=lambda p: int(p.name[len(STATE_PREFIX):]))
+    steps = {p: _saved_step(p) for p in root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX)}
+    return sorted((p for p, step in steps.items() if step is not None), key=lambda p: (steps[p], p.name))
 
 
 def resume_candidates(run_dir: Path, resume: str) -> list[Path]:

@@ -1,4 +1,6 @@
-"""Errors a user can fix, and errors shortened to what fits on one line of a log or a message."""
+"""Errors a user can fix, and errors shortened to what fits on one line of a log or a message.
+
+Imports nothing of the project, so that data/ and modeling/ use the same `first_line`."""
 
 
 class RunError(RuntimeError):

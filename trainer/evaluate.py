@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     teacher = None
     if not args.labeled:
         teacher = DepthAnythingTeacher.from_pretrained(cfg.teacher.name, cfg.teacher.feature_layers)
-        teacher.to(accelerator.device)
+        teacher.place(accelerator.device, accelerator.mixed_precision)
     # Inference only: the student goes to the device unwrapped; only the loader is sharded.
     student.to(accelerator.device)
     # Ground truth keeps its own resolution, which may vary within a set (KITTI): one image a batch.

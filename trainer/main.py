@@ -710,10 +710,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
                 say(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {cfg.run_dir}")
     check_shared(accelerator, cfg.run_dir)
 
-    teacher.to(accelerator.device)
-    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
-        # Frozen weights need no fp32 master copy: half precision halves the teacher's memory.
-        teacher.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+    teacher.place(accelerator.device, accelerator.mixed_precision)
     student = build_student(cfg)
     if cfg.train.channels_last:
         student.to(memory_format=torch.channels_last)
