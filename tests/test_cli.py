@@ -333,9 +333,10 @@ def launch_two_nodes(args_of_node) -> list[subprocess.CompletedProcess]:
     port = str(_free_port())
     env = {**os.environ, **LAUNCH_ENV, "ACCELERATE_USE_CPU": "true"}
     env.pop("DEPTH_DISTILL_FAULT", None)
-    launcher = [sys.executable, "-m", "trainer.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
-    nodes = [subprocess.Popen([*launcher, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                               "--main_process_port", port, "--num_processes", "2", *args_of_node(rank)],
+    launcher = [sys.executable, "-m", "trainer.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
+                "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                "--num_processes", "2"]
+    nodes = [subprocess.Popen([*launcher, "--machine_rank", str(rank), *args_of_node(rank)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     results = []
