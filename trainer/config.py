@@ -17,14 +17,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from data.datasets import CROPS
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
+from losses.depth import NORMALIZATIONS
+from trainer.metrics import ALIGN_MODES, METRIC_NAMES
 
-# Kept here rather than imported from losses/metrics so that the configuration can be parsed and
-# checked without importing torch-heavy modules; tests assert the lists agree.
-NORMALIZATIONS = ("none", "max", "median_mad", "minmax")
-ALIGN_MODES = ("none", "median", "scale_shift")
-METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "silog")
-LABELED_CROPS = ("eigen_nyu", "garg_kitti", "eigen_kitti")
+# The choices come from the code that implements them (one list each, nothing to keep in step).
+LABELED_CROPS = tuple(CROPS)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
