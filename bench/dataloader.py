@@ -22,7 +22,7 @@ from typing import Optional
 from accelerate import Accelerator
 
 from bench.common import Cycled, bench_config, format_table, machine, write_json
-from trainer.main import build_datasets, build_loaders, select_photos
+from trainer.inputs import Targets, build_datasets, build_loaders, select_photos
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = bench_config(args.teacher_size, args.student_size, args.batch_size, args.workers, tiny=False)
     photos = select_photos(cfg)
-    train, _, _ = build_datasets(cfg, None, photos.train, photos.val)  # no cache: no teacher needed
+    train, _, _ = build_datasets(cfg, None, Targets.LIVE, photos.train, photos.val)  # no cache: no teacher
     loader, _, _ = build_loaders(cfg, Accelerator(cpu=True), Cycled(train, args.items), None, None)
 
     start = time.perf_counter()

@@ -42,7 +42,7 @@ from modeling import DepthAnythingTeacher
 from trainer.cache_teacher import build_cache
 from trainer.config import Config
 from trainer.distill import DistillationModule, build_module, build_optimizer, build_student
-from trainer.main import build_datasets, build_loaders, select_photos
+from trainer.inputs import Targets, build_datasets, build_loaders, select_photos
 
 PHASES = ("data_loading", "teacher_forward", "student_forward_backward", "optimizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,7 +127,7 @@ def build_runner(variant: Variant, args: argparse.Namespace, accelerator: Accele
     optimizer = build_optimizer(cfg, module)
     # The trainer's own dataset (photos + TrainTransform, or with a cache CachedTeacherDataset) and loader.
     photos = select_photos(cfg)
-    train, _, _ = build_datasets(cfg, teacher, photos.train, photos.val)
+    train, _, _ = build_datasets(cfg, teacher, Targets.of(cfg), photos.train, photos.val)
     length = (args.warmup + args.steps) * args.batch_size
     loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, length), None, None)
     return Runner(variant, None if variant.cached else teacher, module, optimizer, iter(loader), cfg.optim.grad_clip,

@@ -22,7 +22,7 @@ from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
 from trainer.cache_teacher import build_cache, main, open_cache, teacher_config_hash
 from trainer.config import load_config
-from trainer.main import EpochSeededDataset
+from trainer.inputs import EpochSeededDataset
 
 SAMPLES = Path(__file__).parents[1] / "data" / "samples"
 # 42 = 3 * 14 and 32 = 1 * 32; the photos are 84 = 2 * max(42, 32) square, so they decode unresized

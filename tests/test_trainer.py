@@ -247,7 +247,7 @@ def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
 def test_mid_epoch_position_is_carried_over_in_photos():
     from accelerate import PartialState
 
-    from trainer.main import Progress, remap_epoch_position
+    from trainer.loop import Progress, remap_epoch_position
 
     PartialState()  # the trainer's logger speaks through Accelerate's process state
     progress = Progress(batches_in_epoch=3, global_batch=8)  # saved on 4 processes x batch 2
@@ -306,7 +306,7 @@ def test_training_from_the_teacher_cache(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=3", f"distill.teacher_cache={cache}",
                                        "distill.cache_features=drop"))
-    assert "feature terms are off" in result.stderr
+    assert "targets: depth from the teacher cache; feature terms off" in result.stdout
     events = scalar_events(run_dir)
     assert "train/silog" in events and "train/feature" not in events
     assert dict(events["train/bad_images"])[3] >= 1  # the broken photo, met and counted

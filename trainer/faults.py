@@ -41,29 +41,27 @@ class Fault:
     def _hits(self, step: int, rank: int) -> bool:
         return (self.step is None or self.step == step) and (self.rank is None or self.rank == rank)
 
-    def poison_loss(self, step: int, rank: int) -> bool:
-        """Whether the loss computed after `step` optimizer steps should be made NaN."""
-        return self.kind == "nan" and self._hits(step, rank)
-
-    def after_step(self, step: int, rank: int) -> None:
-        if self.kind in ("sigkill", "sigterm") and self._hits(step, rank):
-            os.kill(os.getpid(), signal.SIGKILL if self.kind == "sigkill" else signal.SIGTERM)
-
-    def install(self, accelerator, student, progress) -> None:
-        """diskfull: make this process's saves fail from step K on, where the trainer writes (its
-        own save helpers are what is tested, untouched)."""
-        if self.kind != "diskfull":
-            return
-
-        def failing(save):
-            def save_or_fail(*args, **kwargs):
-                if self._hits_from(progress.step, accelerator.process_index):
-                    raise OSError(errno.ENOSPC, "No space left on device (injected)")
-                return save(*args, **kwargs)
-            return save_or_fail
-
-        accelerator.save_state = failing(accelerator.save_state)
-        student.save_pretrained = failing(student.save_pretrained)
-
-    def _hits_from(self, step: int, rank: int) -> bool:
-        return (self.step is None or step >= self.step) and (self.rank is None or self.rank == rank)
+    def install(self, trainer) -> None:
+        """Hook the fault into a `trainer.loop.Trainer`: a forward hook (nan), a step-end hook
+        (sigkill, sigterm) or failing save functions (diskfull). The loop itself knows nothing of it."""
+        rank, progress = trainer.accelerator.process_index, trainer.progress
+        if self.kind == "nan":
+            def poison(module, inputs, output):  # output: (total loss, terms, student disparity)
+                if self._hits(progress.step, rank):
+                    return (output[0] * float("nan"), *output[1:])
+                return output
+            trainer.accelerator.unwrap_model(trainer.module).register_forward_hook(poison)
+        elif self.kind in ("sigkill", "sigterm"):
+            def kill(step: int) -> None:
+                if self._hits(step, rank):
+                    os.kill(os.getpid(), signal.SIGKILL if self.kind == "sigkill" else signal.SIGTERM)
+            trainer.step_end_hooks.append(kill)
+        else:  # diskfull: this process's saves fail from step K on, inside the trainer's own save helpers
+            def failing(save):
+                def save_or_fail(*args, **kwargs):
+                    if (self.step is None or progress.step >= self.step) and self.rank in (None, rank):
+                        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+                    return save(*args, **kwargs)
+                return save_or_fail
+            trainer.accelerator.save_state = failing(trainer.accelerator.save_state)
+            trainer.student.save_pretrained = failing(trainer.student.save_pretrained)
