@@ -7,7 +7,9 @@ import datetime
 import json
 import os
 import platform
+import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -67,6 +69,53 @@ class Cycled(Dataset):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class HostSyncCounter:
+    """Counts the host synchronisations the project's own code makes while active.
+
+    On CUDA: every synchronising call PyTorch reports in its sync debug mode. On the CPU, where
+    nothing is asynchronous, the same reads counted where they would synchronise a GPU: a tensor
+    turned into a Python value (`item`, `tolist`, `bool`, `float`, `int`, `numpy`) by code under the
+    project's own folders (the optimizer's CPU step counters and library internals are not counted)."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+    PROJECT = tuple(str(Path(__file__).resolve().parents[1] / part) for part in ("trainer", "losses", "modeling",
+                                                                                 "data"))
+
+    def __init__(self, device: torch.device):
+        self.device, self.count, self._saved = device, 0, {}
+
+    def __enter__(self) -> "HostSyncCounter":
+        if self.device.type == "cuda":
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            return self
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+            setattr(torch.Tensor, name, self._counting(original))
+        return self
+
+    def _counting(self, original):
+        counter = self
+
+        def read(tensor, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(counter.PROJECT):
+                counter.count += 1
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self.count += sum("synchroniz" in str(w.message) for w in self._caught)
+            self._warnings.__exit__(*exc)
+            return
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:

@@ -5,9 +5,13 @@
 
 Depth-Anything-V2-Small (built from its config, random weights) teaches MobileViT-XS + MiniDPT at
 the real preset's widths, loss, optimizer and augmentation (trainer/configs/dav2_small_mobilevit_xs.yaml)
-on the sample photos. A step is timed in four phases: data loading (the wait for the next batch and
-its copy to the device), teacher forward, student forward + loss + backward, optimizer (gradient
-clipping, AdamW, zero_grad), with a device synchronisation at each boundary on GPU.
+on the sample photos. What is timed is the trainer's own step, `trainer.loop.DistillationStep`
+(`forward_backward` then `optimizer_step`), in four phases: data loading (the wait for the next batch
+and its copy to the device), teacher forward (hooks on the teacher), student forward + loss +
+backward (the rest of `forward_backward`), optimizer (`optimizer_step`: the agreed all-reduce,
+clipping, AdamW, scheduler, zero_grad), with a device synchronisation at each boundary on GPU.
+One more, untimed step per variant counts the step's host synchronisations (`host_syncs_per_step`;
+see `bench.common.HostSyncCounter`).
 
 All variants are built side by side and run in turn, one step each, so that a ratio between two
 of them is measured under the same conditions even on a machine with other work running. With
@@ -36,13 +40,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from bench.common import (Cycled, PeakRss, bench_config, build_teacher, count_parameters, current_rss, format_table,
-                          machine, synchronize, write_json)
+from bench.common import (Cycled, HostSyncCounter, PeakRss, bench_config, build_teacher, count_parameters, current_rss,
+                          format_table, machine, synchronize, write_json)
 from modeling import DepthAnythingTeacher
 from trainer.cache_teacher import build_cache
 from trainer.config import Config
-from trainer.distill import DistillationModule, build_module, build_optimizer, build_student
+from trainer.distill import build_module, build_optimizer, build_scheduler, build_student
 from trainer.inputs import Targets, build_datasets, build_loaders, select_photos
+from trainer.loop import DistillationStep, Progress
 
 PHASES = ("data_loading", "teacher_forward", "student_forward_backward", "optimizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +57,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Variant:
     cached: bool = False  # teacher disparity read from the cache: no teacher forward
     features: bool = False  # the preset's feature term too (needs the live teacher's features)
-    teacher_dtype: str = "fp32"  # bf16/fp16: teacher weights cast and run under autocast; student fp32
+    teacher_dtype: str = "fp32"  # bf16/fp16: teacher backbone and neck cast, as on a GPU run; student fp32
     channels_last: bool = False  # student weights and inputs
     compile: bool = False  # student.compile(), as train.compile does
 
@@ -72,17 +77,23 @@ DEFAULT_VARIANTS = {"cpu": "live,cached", "cuda": ",".join(VARIANTS)}
 
 @dataclass
 class Runner:
-    """One variant's models, optimizer and batches, and what its timed steps measured."""
+    """One variant's step (the trainer's own), its batches, and what its timed steps measured."""
 
     variant: Variant
-    teacher: Optional[DepthAnythingTeacher]
-    module: DistillationModule
-    optimizer: torch.optim.Optimizer
+    step: DistillationStep
     batches: Iterator[dict]
-    grad_clip: float
     dataset: str  # the class under EpochSeededDataset: where the teacher targets come from
     seconds: dict[str, list[float]] = field(default_factory=lambda: {phase: [] for phase in PHASES})
     peak_bytes: int = 0
+    host_syncs_per_step: int = -1
+
+
+def half_precision(teacher: DepthAnythingTeacher, dtype: torch.dtype) -> DepthAnythingTeacher:
+    """A copy cast the way `DepthAnythingTeacher.place` casts it on a GPU: backbone and neck only."""
+    copy_ = copy.deepcopy(teacher)
+    copy_.model.backbone.to(dtype)
+    copy_.model.neck.to(dtype)
+    return copy_
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -123,49 +134,73 @@ def build_runner(variant: Variant, args: argparse.Namespace, accelerator: Accele
         student.to(memory_format=torch.channels_last)
     if variant.compile:
         student.compile()
-    module = build_module(cfg, student, teacher).to(accelerator.device).train()
+    targets = Targets.of(cfg)
+    module = build_module(cfg, student, teacher, with_features=targets.runs_teacher).to(accelerator.device).train()
     optimizer = build_optimizer(cfg, module)
-    # The trainer's own dataset (photos + TrainTransform, or with a cache CachedTeacherDataset) and loader.
+    progress = Progress()
+    scheduler = build_scheduler(cfg, optimizer, progress.schedule_position)
+    # The trainer's own dataset (photos + TrainTransform, or with a cache CachedTeacherDataset) and loader,
+    # prepared as the trainer prepares it (batches arrive on the device).
     photos = select_photos(cfg)
-    train, _, _ = build_datasets(cfg, teacher, Targets.of(cfg), photos.train, photos.val)
-    length = (args.warmup + args.steps) * args.batch_size
+    train, _, _ = build_datasets(cfg, teacher, targets, photos.train, photos.val)
+    length = (args.warmup + args.steps + 1) * args.batch_size
     loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, length), None, None)
-    return Runner(variant, None if variant.cached else teacher, module, optimizer, iter(loader), cfg.optim.grad_clip,
-                  type(train.dataset).__name__)
+    step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
+                            photos_per_step=args.batch_size)
+    return Runner(variant, step, iter(accelerator.prepare(loader)), type(train.dataset).__name__)
 
 
-def run_step(runner: Runner, device: torch.device) -> dict[str, float]:
-    """One optimizer step -> seconds per phase."""
-    v = runner.variant
+class PhaseClock:
+    """Wall time of the data wait and of the teacher's forward inside one `forward_backward`."""
+
+    def __init__(self, runner: Runner, device: torch.device):
+        self.device, self.data, self.teacher = device, 0.0, 0.0
+        self._started = 0.0
+        self._hooks = [runner.step.teacher.register_forward_pre_hook(self._teacher_starts),
+                       runner.step.teacher.register_forward_hook(self._teacher_ends)]
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def timed(self, batches: Iterator[dict]) -> Iterator[dict]:
+        while True:
+            start = time.perf_counter()
+            batch = next(batches)
+            synchronize(self.device)
+            self.data += time.perf_counter() - start
+            yield batch
+
+    def _teacher_starts(self, module, inputs) -> None:
+        synchronize(self.device)
+        self._started = time.perf_counter()
+
+    def _teacher_ends(self, module, inputs, output) -> None:
+        synchronize(self.device)
+        self.teacher += time.perf_counter() - self._started
+
+
+def run_step(runner: Runner, clock: PhaseClock, device: torch.device) -> dict[str, float]:
+    """One optimizer step of the trainer -> seconds per phase."""
+    clock.data = clock.teacher = 0.0
     start = time.perf_counter()
-    batch = next(runner.batches)
-    student_images = batch["student_image"].to(device, non_blocking=True)  # (B, 3, s, s)
-    if v.channels_last:
-        student_images = student_images.contiguous(memory_format=torch.channels_last)
-    if v.cached:
-        teacher_disparity = batch["teacher_disparity"].to(device, non_blocking=True)  # (B, 1, s, s)
-    else:
-        teacher_images = batch["teacher_image"].to(device, non_blocking=True)  # (B, 3, t, t)
-    synchronize(device)
-    loaded = time.perf_counter()
-    teacher_features = None
-    if not v.cached:
-        dtype = DTYPES[v.teacher_dtype]
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            teacher_out = runner.teacher(teacher_images, output_size=student_images.shape[-2:])
-        teacher_disparity, teacher_features = teacher_out.disparity, teacher_out.features
-    synchronize(device)
-    taught = time.perf_counter()
-    loss, _, _ = runner.module(student_images, teacher_disparity, teacher_features)
-    loss.backward()
+    window = runner.step.forward_backward(clock.timed(runner.batches))
     synchronize(device)
     backward = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(runner.module.parameters(), runner.grad_clip or float("inf"))
-    runner.optimizer.step()
-    runner.optimizer.zero_grad(set_to_none=True)
+    runner.step.optimizer_step(window)
     synchronize(device)
     end = time.perf_counter()
-    return dict(zip(PHASES, (loaded - start, taught - loaded, backward - taught, end - backward)))
+    student = backward - start - clock.data - clock.teacher
+    return dict(zip(PHASES, (clock.data, clock.teacher, student, end - backward)))
+
+
+def count_host_syncs(runner: Runner, device: torch.device) -> int:
+    """Host synchronisations of one untimed step, the data wait left out."""
+    batch = next(runner.batches)
+    synchronize(device)
+    with HostSyncCounter(device) as counter:
+        runner.step.optimizer_step(runner.step.forward_backward(iter([batch])))
+    return counter.count
 
 
 def variant_figures(runner: Runner, batch_size: int) -> dict:
@@ -180,7 +215,8 @@ def variant_figures(runner: Runner, batch_size: int) -> dict:
         "ms_per_step": {**{phase: 1e3 * float(values.mean()) for phase, values in seconds.items()},
                         "total": 1e3 * float(total.mean())},
         "peak_memory_mb": runner.peak_bytes / 2**20,
-        "loss_weights": dict(runner.module.criterion.weights),
+        "host_syncs_per_step": runner.host_syncs_per_step,
+        "loss_weights": dict(runner.step.accelerator.unwrap_model(runner.step.module).criterion.weights),
         "dataset": runner.dataset,
         "timed_steps": len(total),
         **asdict(runner.variant),
@@ -188,16 +224,17 @@ def variant_figures(runner: Runner, batch_size: int) -> dict:
 
 
 def measure(runners: dict[str, Runner], args: argparse.Namespace, device: torch.device) -> None:
-    """Warm-up, then timed steps, round-robin over the variants."""
+    """Warm-up, then timed steps, round-robin over the variants; then one step counting syncs."""
     rss = PeakRss() if device.type == "cpu" else None
+    clocks = {name: PhaseClock(runner, device) for name, runner in runners.items()}
     try:
         for step in range(args.warmup + args.steps):
-            for runner in runners.values():
+            for name, runner in runners.items():
                 if rss is not None:
                     rss.take()
                 else:
                     torch.cuda.reset_peak_memory_stats(device)
-                phases = run_step(runner, device)
+                phases = run_step(runner, clocks[name], device)
                 peak = rss.take() if rss is not None else torch.cuda.max_memory_allocated(device)
                 runner.peak_bytes = max(runner.peak_bytes, peak)
                 if step >= args.warmup:
@@ -206,6 +243,10 @@ def measure(runners: dict[str, Runner], args: argparse.Namespace, device: torch.
     finally:
         if rss is not None:
             rss.close()
+        for clock in clocks.values():
+            clock.close()  # its synchronisations are the benchmark's, not the step's
+    for runner in runners.values():
+        runner.host_syncs_per_step = count_host_syncs(runner, device)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -214,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = torch.device(args.device)
     teacher = build_teacher(args.tiny).to(device)
     variants = {name: VARIANTS[name] for name in args.variants}
-    teachers = {dtype: teacher if dtype == "fp32" else copy.deepcopy(teacher).to(DTYPES[dtype])
+    teachers = {dtype: teacher if dtype == "fp32" else half_precision(teacher, DTYPES[dtype])
                 for dtype in {v.teacher_dtype for v in variants.values()}}
     accelerator = Accelerator(cpu=device.type == "cpu")  # only says the device to the trainer's helpers
     with tempfile.TemporaryDirectory(prefix="bench-teacher-cache-") as cache_dir:
@@ -229,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         measure(runners, args, device)
 
     results = {name: variant_figures(runner, args.batch_size) for name, runner in runners.items()}
-    student = next(iter(runners.values())).module.student
+    student = next(iter(runners.values())).step.module.student
     figures = {
         "benchmark": "train_step",
         "machine": machine(device),

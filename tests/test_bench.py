@@ -26,8 +26,22 @@ def test_train_step_times_live_and_cached_steps(tmp_path):
     for variant in (live, cached):
         assert _positive(variant["images_per_s"]) and _positive(variant["peak_memory_mb"])
         assert set(variant["ms_per_step"]) == {*train_step.PHASES, "total"}
+        assert variant["host_syncs_per_step"] == 1  # the trainer's own step: one agreed all-reduce
     assert cached["ms_per_step"]["teacher_forward"] < live["ms_per_step"]["teacher_forward"]
     assert figures["machine"]["logical_cpus"] >= 1 and figures["settings"]["torch_threads"] == 1
+
+
+def test_the_host_sync_counter_counts_reads_by_project_code():
+    import torch
+
+    from bench.common import HostSyncCounter
+    from trainer.checkpoint import all_finite
+
+    with HostSyncCounter(torch.device("cpu")) as counter:
+        all_finite(torch.nn.Linear(2, 2))  # one bool() per tensor: weight and bias
+        torch.ones(3).sum().item()  # the test's own read, not the project's
+    assert counter.count == 2
+    assert torch.Tensor.item.__name__ == "item"  # the methods are restored
 
 
 def test_inference_compares_teacher_student_and_int8(tmp_path):

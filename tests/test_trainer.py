@@ -370,3 +370,23 @@ def test_a_failed_final_save_exits_non_zero_and_says_what_was_kept(tmp_path, pho
     assert len(errors) == 1 and "could not save the end of the run at step 4" in errors[0]
     assert str(run_dir / "checkpoints" / "step_00000002") in errors[0]
     assert not (run_dir / "student.onnx").exists() and not (run_dir / "student_last").exists()
+
+
+def test_a_batch_of_only_unreadable_photos_is_a_zero_loss_step(tmp_path):
+    """1 readable photo and 3 broken ones at batch size 1: 3 of every 4 steps see no readable
+    photo. Such a step still runs (every process must join the gradient all-reduce) with loss 0:
+    nothing is learned from the blank stand-in, and it is counted."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "good.jpg").write_bytes(sorted((REPO / "data" / "samples").glob("*.jpg"))[0].read_bytes())
+    for name in ("bad1.jpg", "bad2.jpg", "bad3.jpg"):
+        (photos / name).write_bytes(b"not a photo")
+    run_dir = tmp_path / "run"
+    run_trainer(tiny_run_args(run_dir, photos, "train.batch_size=1", "train.max_steps=8", "data.val_fraction=0",
+                              "export.enabled=false", "distill.weights.feature=0"))
+    events = scalar_events(run_dir)
+    losses = [value for _, value in sorted(events["train/loss"])]
+    assert len(losses) == 8 and sum(value == 0.0 for value in losses) == 6
+    assert all(value > 0 for value in losses if value != 0.0)
+    assert dict(events["train/bad_images"])[8] == 6
+    assert all(torch.isfinite(t).all() for t in final_student(run_dir).values())

@@ -1,11 +1,11 @@
 """The training loop. One optimizer step reads on one screen (`Trainer.fit`):
 
     while photos remain:
-        window = self.forward_backward(batches)   # train_step on each micro-batch of the step
-        self.optimizer_step(window)               # the one agreed all-reduce, then clip and step
-        self.after_step(window)                   # log, draw, evaluate, save: each when it is due
+        window = self.step.forward_backward(batches)   # train_step on each micro-batch of the step
+        self.step.optimizer_step(window)               # the one agreed all-reduce, then clip and step
+        self.after_step(window)                        # log, draw, evaluate, save: each when it is due
 
-The step's only host synchronisation is the all-reduce in `optimizer_step` (four numbers: readable
+The step (`DistillationStep`) makes one host synchronisation, the all-reduce in `optimizer_step` (four numbers: readable
 photos, photos, non-finite flags, stop requests); the gradient norm and the loss stay on the device
 and are read at log steps. Rank checks live in the helpers that save, log and print.
 """
@@ -17,7 +17,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -125,84 +125,23 @@ class Window:
     ends_epoch: bool = False
 
 
-class Trainer:
-    """Holds what the loop needs between steps; each method does one thing of the loop."""
+class DistillationStep:
+    """One optimizer step of distillation: `train_step` on each micro-batch, then the agreed,
+    clipped update. The trainer's loop runs it, and so does `bench.train_step`."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, module, teacher, targets: Targets, optimizer,
-                 scheduler, train_loader, val_loader, labeled_loader, progress: Progress, photos_per_step: int):
+                 scheduler, progress: Progress, photos_per_step: int):
         self.cfg, self.accelerator, self.module = cfg, accelerator, module
         self.teacher, self.targets = teacher, targets
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_loader, self.val_loader, self.labeled_loader = train_loader, val_loader, labeled_loader
         self.progress, self.photos_per_step = progress, photos_per_step
-        self.total_steps = progress.step + progress.steps_left(photos_per_step)  # for the progress bar
-        self.run_dir = cfg.run_dir
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.float_buffers = [b for b in module.buffers() if b.is_floating_point()]
-        self.stop = StopRequested()
+        self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's signal flag, agreed on below
         self.stop_agreed = False
         self.grad_norm: Optional[torch.Tensor] = None  # of the last step taken; read at log steps
-        self.sums: dict[str, torch.Tensor] = {}  # detached running sums, reduced at log time
-        self.steps_since_log, self.images_since_log, self.time_of_log = 0, 0, time.perf_counter()
-        # Seconds spent evaluating, saving and drawing since the last log: not training time.
-        self.paused_since_log = 0.0
-        self.train_seconds, self.photos_trained = 0.0, 0  # this launch, for the end summary
-        self.last_eval_step = -1
-        self.last_saved_step, self.last_save_ok = -1, False
-        # (index, valid) of every micro-batch since the last log, still on the device: reading
-        # them is left to the log step, which synchronises anyway.
+        # (index, valid) of every micro-batch, still on the device: the loop reads them at log steps.
         self.batch_validity: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.unreadable_train = UnreadableReporter(train_loader.dataset.dataset, "training")
-        self.unreadable_val = None if val_loader is None else UnreadableReporter(val_loader.dataset, "validation")
-        self.step_end_hooks: list = []  # called with the step count after each step (fault injection)
-        fault = Fault.from_env()
-        if fault is not None:
-            fault.install(self)
-
-    @property
-    def student(self):
-        return self.accelerator.unwrap_model(self.module).student
-
-    # --- the loop ---------------------------------------------------------------------------
-
-    def fit(self) -> int:
-        """Optimizer steps until the run's photos are seen -> exit code."""
-        p = self.progress
-        self.module.train()
-        batches = self.micro_batches()
-        self.bar = tqdm(total=self.total_steps, initial=p.step, desc="distill", dynamic_ncols=True,
-                        disable=not self.accelerator.is_main_process)
-        with contextlib.closing(self.bar):
-            while p.photos_seen < p.total_photos:
-                window = self.forward_backward(batches)
-                self.optimizer_step(window)
-                if p.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
-                    self._print_error(f"{p.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
-                                      f"or BatchNorm statistics; stopping (last good training state kept; "
-                                      f"lower optim.lr?)")
-                    return EXIT_NONFINITE
-                self.after_step(window)
-                self.bar.update(1)
-                if self.stop_agreed:
-                    say(f"interrupted: resumable state saved at step {p.step}; continue with --resume latest",
-                        self.accelerator.is_main_process)
-                    return EXIT_OK
-        return EXIT_OK
-
-    def micro_batches(self) -> Iterator[dict]:
-        """Every batch of every epoch, for ever. The epoch and the position in it live in
-        `progress` (saved with each state): a resumed run continues mid-epoch where it stopped."""
-        p = self.progress
-        while True:
-            self.train_loader.dataset.epoch = p.epoch
-            self.train_loader.set_epoch(p.epoch)
-            loader = self.train_loader
-            if p.batches_in_epoch:
-                loader = self.accelerator.skip_first_batches(self.train_loader, p.batches_in_epoch)
-            for batch in loader:
-                p.batches_in_epoch += 1
-                yield batch
-            p.epoch, p.batches_in_epoch = p.epoch + 1, 0
 
     def forward_backward(self, batches: Iterator[dict]) -> Window:
         """`train_step` on micro-batches until Accelerate says the gradients are synchronised:
@@ -270,7 +209,7 @@ class Trainer:
             bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         # new_full launches a fill with the host value as its argument: no copy, no synchronisation.
         flags = torch.stack([window.n_valid.float(), bad.float(), window.loss.new_full((), float(window.n_images)),
-                             window.loss.new_full((), float(self.stop.flag))])
+                             window.loss.new_full((), float(self.stop_requested()))])
         n_valid, nonfinite, n_images, stops = acc.reduce(flags, "sum").tolist()
         self.stop_agreed = stops > 0  # one process interrupted -> all stop at the same step
         p.bad_images += int(n_images - n_valid)
@@ -287,6 +226,86 @@ class Trainer:
         p.photos_seen += self.photos_per_step  # skipped steps too, like the step count
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class Trainer:
+    """Holds what the loop needs between steps; each method does one thing of the loop."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, module, teacher, targets: Targets, optimizer,
+                 scheduler, train_loader, val_loader, labeled_loader, progress: Progress, photos_per_step: int):
+        self.cfg, self.accelerator, self.module = cfg, accelerator, module
+        self.teacher, self.targets = teacher, targets
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader, self.labeled_loader = train_loader, val_loader, labeled_loader
+        self.progress, self.photos_per_step = progress, photos_per_step
+        self.total_steps = progress.step + progress.steps_left(photos_per_step)  # for the progress bar
+        self.run_dir = cfg.run_dir
+        self.step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
+                                     photos_per_step)
+        self.stop = StopRequested()
+        self.step.stop_requested = lambda: self.stop.flag
+        self.sums: dict[str, torch.Tensor] = {}  # detached running sums, reduced at log time
+        self.steps_since_log, self.images_since_log, self.time_of_log = 0, 0, time.perf_counter()
+        # Seconds spent evaluating, saving and drawing since the last log: not training time.
+        self.paused_since_log = 0.0
+        self.train_seconds, self.photos_trained = 0.0, 0  # this launch, for the end summary
+        self.last_eval_step = -1
+        self.last_saved_step, self.last_save_ok = -1, False
+        self.unreadable_train = UnreadableReporter(train_loader.dataset.dataset, "training")
+        self.unreadable_val = None if val_loader is None else UnreadableReporter(val_loader.dataset, "validation")
+        self.step_end_hooks: list = []  # called with the step count after each step (fault injection)
+        fault = Fault.from_env()
+        if fault is not None:
+            fault.install(self)
+
+    @property
+    def student(self):
+        return self.accelerator.unwrap_model(self.module).student
+
+    @property
+    def stop_agreed(self) -> bool:
+        return self.step.stop_agreed
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        """Optimizer steps until the run's photos are seen -> exit code."""
+        p = self.progress
+        self.module.train()
+        batches = self.micro_batches()
+        self.bar = tqdm(total=self.total_steps, initial=p.step, desc="distill", dynamic_ncols=True,
+                        disable=not self.accelerator.is_main_process)
+        with contextlib.closing(self.bar):
+            while p.photos_seen < p.total_photos:
+                window = self.step.forward_backward(batches)
+                self.step.optimizer_step(window)
+                if p.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+                    self._print_error(f"{p.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
+                                      f"or BatchNorm statistics; stopping (last good training state kept; "
+                                      f"lower optim.lr?)")
+                    return EXIT_NONFINITE
+                self.after_step(window)
+                self.bar.update(1)
+                if self.stop_agreed:
+                    say(f"interrupted: resumable state saved at step {p.step}; continue with --resume latest",
+                        self.accelerator.is_main_process)
+                    return EXIT_OK
+        return EXIT_OK
+
+    def micro_batches(self) -> Iterator[dict]:
+        """Every batch of every epoch, for ever. The epoch and the position in it live in
+        `progress` (saved with each state): a resumed run continues mid-epoch where it stopped."""
+        p = self.progress
+        while True:
+            self.train_loader.dataset.epoch = p.epoch
+            self.train_loader.set_epoch(p.epoch)
+            loader = self.train_loader
+            if p.batches_in_epoch:
+                loader = self.accelerator.skip_first_batches(self.train_loader, p.batches_in_epoch)
+            for batch in loader:
+                p.batches_in_epoch += 1
+                yield batch
+            p.epoch, p.batches_in_epoch = p.epoch + 1, 0
 
     def after_step(self, window: Window) -> None:
         p, c = self.progress, self.cfg
@@ -321,8 +340,8 @@ class Trainer:
 
     def report_unreadable(self) -> None:
         """Collective: name the photos found unreadable since the last call, once per run."""
-        bad = [int(i) for index, valid in self.batch_validity for i in index[~valid.bool()].tolist()]
-        self.batch_validity = []
+        bad = [int(i) for index, valid in self.step.batch_validity for i in index[~valid.bool()].tolist()]
+        self.step.batch_validity = []
         found = [i for share in gather_object([bad]) for i in share]
         if self.accelerator.is_main_process:
             self.unreadable_train.report(found)
@@ -346,8 +365,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             if not group["name"].endswith("_no_decay"):  # same lr as its decayed twin
                 values[f"lr/{group['name']}"] = group["lr"]
-        if self.grad_norm is not None:
-            values["train/grad_norm"] = float(self.grad_norm)
+        if self.step.grad_norm is not None:
+            values["train/grad_norm"] = float(self.step.grad_norm)
         values["train/bad_images"] = self.progress.bad_images
         values["train/nonfinite_steps"] = self.progress.nonfinite_steps
         values["train/photos_seen"] = self.progress.photos_seen  # the same x-axis on any number of processes
