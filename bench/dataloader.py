@@ -22,7 +22,7 @@ from typing import Optional
 from accelerate import Accelerator
 
 from bench.common import Cycled, bench_config, format_table, machine, write_json
-from trainer.inputs import Targets, build_datasets, build_loaders, select_photos
+from trainer.train.inputs import Targets, build_datasets, build_loaders, select_photos
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

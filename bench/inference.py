@@ -5,8 +5,8 @@
 
 The teacher is Depth-Anything-V2-Small built from its config (random weights), fp32, as the
 reference. The student (MobileViT-XS + MiniDPT at the real preset's widths, random weights unless
-`--student` names a trained checkpoint) is exported with `trainer.export.export_student` and
-quantised to int8 with `trainer.quantize.quantize_student`, which also measures the int8 file's
+`--student` names a trained checkpoint) is exported with `trainer.ship.export.export_student` and
+quantised to int8 with `trainer.ship.quantize.quantize_student`, which also measures the int8 file's
 accuracy against the fp32 one on the sample photos.
 
 Both runtimes get the same number of threads (torch.set_num_threads, ORT intra_op_num_threads).
@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import SAMPLES, bench_config, build_teacher, format_table, latency_stats, machine, write_json
 from data import EvalTransform, list_images, load_rgb
 from modeling import StudentDepthModel
-from trainer.distill import build_student
-from trainer.export import export_student
-from trainer.quantize import MODES, quantize_student
+from trainer.train.distill import build_student
+from trainer.ship.export import export_student
+from trainer.ship.quantize import MODES, quantize_student
 
 TEACHER = "teacher_pytorch_fp32"
 STUDENT = "student_onnx_fp32"

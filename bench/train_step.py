@@ -5,7 +5,7 @@
 
 Depth-Anything-V2-Small (built from its config, random weights) teaches MobileViT-XS + MiniDPT at
 the real preset's widths, loss, optimizer and augmentation (trainer/configs/dav2_small_mobilevit_xs.yaml)
-on the sample photos. What is timed is the trainer's own step, `trainer.loop.DistillationStep`
+on the sample photos. What is timed is the trainer's own step, `trainer.train.loop.DistillationStep`
 (`forward_backward` then `optimizer_step`), in four phases: data loading (the wait for the next batch
 and its copy to the device), teacher forward (hooks on the teacher), student forward + loss +
 backward (the rest of `forward_backward`), optimizer (`optimizer_step`: the agreed all-reduce,
@@ -19,7 +19,7 @@ of them is measured under the same conditions even on a machine with other work 
 variant's workers prefetch while another computes.
 
 `cached` reads the teacher's disparity from a cache that the real writer
-(`trainer.cache_teacher.build_cache`) fills in a temporary folder, through the trainer's own
+(`trainer.train.cache_teacher.build_cache`) fills in a temporary folder, through the trainer's own
 dataset for `distill.teacher_cache` (`CachedTeacherDataset`): no teacher forward, and no teacher
 view rendered. The live variants run the same depth-only loss (feature
 weight 0) for a fair `cached_speedup_vs_live`; `live_features` adds the preset's feature term.
@@ -43,11 +43,11 @@ from accelerate import Accelerator
 from bench.common import (Cycled, HostSyncCounter, PeakRss, bench_config, build_teacher, count_parameters, current_rss,
                           format_table, machine, synchronize, write_json)
 from modeling import DepthAnythingTeacher
-from trainer.cache_teacher import build_cache
+from trainer.train.cache_teacher import build_cache
 from trainer.config import Config
-from trainer.distill import build_module, build_optimizer, build_scheduler, build_student
-from trainer.inputs import Targets, build_datasets, build_loaders, select_photos
-from trainer.loop import DistillationStep, Progress
+from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student
+from trainer.train.inputs import Targets, build_datasets, build_loaders, select_photos
+from trainer.train.loop import DistillationStep, Progress
 
 PHASES = ("data_loading", "teacher_forward", "student_forward_backward", "optimizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                 else "peak process RSS during the variant's steps (sampled every 5 ms)"),
                      "resident_memory_mb_before_steps": resident / 2**20},
         "cached_targets_source": ("CachedTeacherDataset over fp16 safetensors shards written by "
-                                  "trainer.cache_teacher.build_cache in a temporary folder"),
+                                  "trainer.train.cache_teacher.build_cache in a temporary folder"),
         "variants": results,
     }
     if "live" in results and "cached" in results:

@@ -1,7 +1,7 @@
 """Teacher depth maps computed once and stored, and the dataset that crops them like the photos.
 
 The teacher forward is most of a training step, yet its input is a fixed function of the photo and
-the crop. So the writer (`python -m trainer.cache_teacher`) runs it once per photo on the WHOLE
+the crop. So the writer (`python -m trainer.train.cache_teacher`) runs it once per photo on the WHOLE
 image at `cache_size` x `cache_size`, and training crops, resizes and flips the stored map with the
 same parameters as the student's view. A cache folder holds:
 
@@ -60,7 +60,7 @@ class CacheDirError(ValueError):
 
 def rebuild_hint(cache_dir: str | Path, verb: str = "rebuild") -> str:
     # Always with --cache-dir: the cache may have been named by an override the config file lacks.
-    return (f"{verb} it with `python -m trainer.cache_teacher --config <your config> "
+    return (f"{verb} it with `python -m trainer.train.cache_teacher --config <your config> "
             f"--cache-dir {shlex.quote(str(cache_dir))}`")
 
 

@@ -69,7 +69,7 @@ STUDENT_MODEL_CARD = """
 A depth-distill student: relative inverse depth (disparity) from one RGB photo, distilled from
 Depth Anything V2. `config.json` records its architecture, the input size it was trained at and the
 normalisation it expects; load it with `modeling.load_student(folder)`, run it with
-`python -m trainer.predict`, ship it with `python -m trainer.export`.
+`python -m trainer.ship.predict`, ship it with `python -m trainer.ship.export`.
 """
 
 

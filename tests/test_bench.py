@@ -35,7 +35,7 @@ def test_the_host_sync_counter_counts_reads_by_project_code():
     import torch
 
     from bench.common import HostSyncCounter
-    from trainer.checkpoint import all_finite
+    from trainer.train.checkpoint import all_finite
 
     with HostSyncCounter(torch.device("cpu")) as counter:
         all_finite(torch.nn.Linear(2, 2))  # one bool() per tensor: weight and bias

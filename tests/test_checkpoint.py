@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from trainer.checkpoint import (COMPLETE_MARKER, CheckpointError, complete_states, load_training_state,
-                                resume_candidates, save_student, save_training_state)
+from trainer.train.checkpoint import (COMPLETE_MARKER, CheckpointError, complete_states, load_training_state,
+                                      resume_candidates, save_student, save_training_state)
 
 
 @pytest.fixture

@@ -285,7 +285,7 @@ def saved_student(tmp_path_factory) -> Path:
     (lambda s, d, t: ["--data", str(d)], "HF_HUB_OFFLINE"),  # no run config: the hub teacher, offline
 ])
 def test_evaluate_mistakes_are_one_line(tmp_path, photo_dir, saved_student, capsys, make_args, expected):
-    from trainer.evaluate import main
+    from trainer.evaluate.evaluation import main
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -295,7 +295,7 @@ def test_evaluate_mistakes_are_one_line(tmp_path, photo_dir, saved_student, caps
 
 
 def test_evaluate_a_corrupt_student_folder_is_one_line(tmp_path, photo_dir, saved_student, capsys):
-    from trainer.evaluate import main
+    from trainer.evaluate.evaluation import main
 
     broken = tmp_path / "student_best"
     broken.mkdir()
@@ -306,8 +306,8 @@ def test_evaluate_a_corrupt_student_folder_is_one_line(tmp_path, photo_dir, save
     assert error.startswith("error:") and "model.safetensors" in error and len(error.splitlines()) == 1
 
 
-@pytest.mark.parametrize("module", ["trainer.main", "trainer.evaluate", "trainer.export", "trainer.predict",
-                                    "trainer.quantize", "trainer.cache_teacher"])
+@pytest.mark.parametrize("module", ["trainer.main", "trainer.evaluate.evaluation", "trainer.ship.export",
+                                    "trainer.ship.predict", "trainer.ship.quantize", "trainer.train.cache_teacher"])
 def test_a_usage_mistake_is_one_line_with_exit_code_1(module, capsys):
     import importlib
 

@@ -12,7 +12,7 @@ import torch
 from data import EvalTransform, UnlabeledImageDataset, list_images
 from modeling import DepthAnythingTeacher, StudentDepthModel
 from trainer.config import load_config
-from trainer.distill import build_module, build_optimizer, warmup_cosine
+from trainer.train.distill import build_module, build_optimizer, warmup_cosine
 
 DEMO = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "demo.yaml"
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from trainer.export import ExportError, export_student, main
+from trainer.ship.export import ExportError, export_student, main
 
 
 def test_export_is_checked_and_records_what_it_accepts(student, tmp_path):
@@ -76,7 +76,7 @@ def fake_export(monkeypatch) -> list[dict]:
         calls.append({"student": student, "path": path, "size": size})
         return {"export_size": [size, size]}
 
-    monkeypatch.setattr("trainer.export.export_student", record)
+    monkeypatch.setattr("trainer.ship.export.export_student", record)
     return calls
 
 

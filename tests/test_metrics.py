@@ -1,4 +1,4 @@
-"""Known-answer tests for trainer/metrics.py."""
+"""Known-answer tests for trainer/evaluate/metrics.py."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.metrics import (
+from trainer.evaluate.metrics import (
     ALIGN_MODES,
     LOWER_IS_BETTER,
     METRIC_NAMES,

@@ -96,7 +96,7 @@ def test_teacher_is_frozen(tiny_teacher):
 
 def test_optimizer_holds_student_and_adapters_but_no_teacher(tiny_teacher, student):
     from trainer.config import load_config
-    from trainer.distill import build_module, build_optimizer
+    from trainer.train.distill import build_module, build_optimizer
 
     cfg = load_config(REPO / "trainer" / "configs" / "demo.yaml")
     module = build_module(cfg, student, tiny_teacher)

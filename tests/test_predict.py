@@ -1,4 +1,4 @@
-"""trainer.predict and trainer.quantize on the tiny student, exported to ONNX at 64x64."""
+"""trainer.ship.predict and trainer.ship.quantize on the tiny student, exported to ONNX at 64x64."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from trainer import export, predict, quantize
+from trainer.ship import export, predict, quantize
 
 SIZE = 64
 # name -> (stored width, height), EXIF orientation; orientation 6 (rotate 90 degrees) swaps the sides.

@@ -1,4 +1,4 @@
-"""Tests for the teacher cache: data/teacher_cache.py (reading, cropping) and trainer/cache_teacher.py
+"""Tests for the teacher cache: data/teacher_cache.py (reading, cropping) and trainer/train/cache_teacher.py
 (writing, CLI). Known answers: the live tiny teacher, and linear ramps that bilinear sampling keeps exact."""
 
 import json
@@ -20,9 +20,9 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CacheDirError, CachedTeacherDatas
 from data.teacher_cache import ShardWriter, check_cache_dir, clear_cache, content_hash, crop_map, write_index
 from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
-from trainer.cache_teacher import build_cache, main, open_cache, teacher_config_hash
+from trainer.train.cache_teacher import build_cache, main, open_cache, teacher_config_hash
 from trainer.config import load_config
-from trainer.inputs import EpochSeededDataset
+from trainer.train.inputs import EpochSeededDataset
 
 SAMPLES = Path(__file__).parents[1] / "data" / "samples"
 # 42 = 3 * 14 and 32 = 1 * 32; the photos are 84 = 2 * max(42, 32) square, so they decode unresized
@@ -227,7 +227,7 @@ def test_changed_photo_is_refused_by_name(fresh, tiny_teacher, caplog):
     assert dataset.unreadable_reason(0) == ""
     assert dataset.unreadable_reason(1) == (
         f"{paths[1]} changed since the teacher cache {cache_dir} was written; rebuild it with "
-        f"`python -m trainer.cache_teacher --config <your config> --cache-dir {cache_dir}`")
+        f"`python -m trainer.train.cache_teacher --config <your config> --cache-dir {cache_dir}`")
     with pytest.raises(StaleCacheError, match=rf"{paths[1].name} changed since the teacher cache"):
         cache.get(paths[1], "0" * 16)
 
@@ -238,7 +238,7 @@ def test_other_teacher_or_size_is_refused(built, field, value):
     cfg, paths, cache_dir, _ = built
     args = {"teacher": "tiny", "teacher_config_hash": json.loads((cache_dir / "meta.json").read_text())[
         "teacher_config_hash"], "cache_size": TEACHER, field: value}
-    hint = rf"rebuild it with `python -m trainer.cache_teacher --config <your config> --cache-dir {cache_dir}`$"
+    hint = rf"rebuild it with `python -m trainer.train.cache_teacher --config <your config> --cache-dir {cache_dir}`$"
     with pytest.raises(StaleCacheError, match=rf"has {field}=.* but this run needs .*; {hint}"):
         TeacherCache.open(cache_dir, args["teacher"], args["teacher_config_hash"], args["cache_size"], paths,
                           cfg.data.train_dir)
@@ -270,7 +270,7 @@ def test_unreadable_photo_is_skipped_then_invalid_and_workers_read_shards(tmp_pa
     assert (summary["num_images"], summary["num_skipped"]) == (3, 1)
     # The writer's loop says it once, with the reason; the dataset (in a worker) says nothing.
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
-        ("trainer.cache_teacher", f"skipping unreadable image {broken} (not an image (text))")]
+        ("trainer.train.cache_teacher", f"skipping unreadable image {broken} (not an image (text))")]
     all_paths, _ = train_val_paths(cfg.data.train_dir, None, 0.0, cfg.seed)
     dataset = CachedTeacherDataset(all_paths, _plain(), _open(cfg, tiny_teacher, all_paths), with_teacher_image=True)
     in_main = [dataset[i] for i in range(len(dataset))]  # opens shard handles in this process first
@@ -427,7 +427,7 @@ def test_cli_reports_each_user_mistake_in_one_line(tmp_path, capsys, monkeypatch
     else:
         def stale(*_args, **_kwargs):
             raise StaleCacheError("teacher cache x is incomplete")
-        monkeypatch.setattr("trainer.cache_teacher.build_cache", stale)
+        monkeypatch.setattr("trainer.train.cache_teacher.build_cache", stale)
     before = _tree(photos)
     assert main(args) == 1
     error = capsys.readouterr().err.strip()

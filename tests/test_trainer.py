@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.run_dir import RUN_MARKER
+from trainer.train.run_dir import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,7 +247,7 @@ def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
 def test_mid_epoch_position_is_carried_over_in_photos():
     from accelerate import PartialState
 
-    from trainer.loop import Progress, remap_epoch_position
+    from trainer.train.loop import Progress, remap_epoch_position
 
     PartialState()  # the trainer's logger speaks through Accelerate's process state
     progress = Progress(batches_in_epoch=3, global_batch=8)  # saved on 4 processes x batch 2
@@ -296,7 +296,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
 
 
 def test_training_from_the_teacher_cache(tmp_path, photo_dir):
-    from trainer.cache_teacher import main as cache_main
+    from trainer.train.cache_teacher import main as cache_main
 
     cache = tmp_path / "cache"
     (photo_dir / "broken.jpg").write_bytes(b"not a photo")

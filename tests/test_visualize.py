@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.visualize import BAR_HEIGHT, MIN_TILE_HEIGHT, TEXT_HEIGHT, _lut, comparison_grid
+from trainer.evaluate.visualize import BAR_HEIGHT, MIN_TILE_HEIGHT, TEXT_HEIGHT, _lut, comparison_grid
 
 
 def test_grid_has_titles_enlarged_tiles_and_a_near_far_bar():

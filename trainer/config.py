@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from data.datasets import CROPS
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
 from losses.depth import NORMALIZATIONS
-from trainer.metrics import ALIGN_MODES, METRIC_NAMES
+from trainer.evaluate.metrics import ALIGN_MODES, METRIC_NAMES
 
 # The choices come from the code that implements them (one list each, nothing to keep in step).
 LABELED_CROPS = tuple(CROPS)
@@ -88,7 +88,7 @@ class DistillConfig:
     # Student encoder stages (0 = stride 4 ... 3 = stride 32) matched, in order, with the
     # teacher's feature layers for the feature and attention terms.
     student_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    # Folder written by `python -m trainer.cache_teacher`: depth targets are read from it instead
+    # Folder written by `python -m trainer.train.cache_teacher`: depth targets are read from it instead
     # of running the teacher. Feature/attention terms then need the live teacher ("live") or are
     # dropped ("drop"; not "off", which YAML reads as false).
     teacher_cache: Optional[str] = None
@@ -130,7 +130,7 @@ class TrainConfig:
 class EvalConfig:
     every: Optional[int] = None  # steps; evaluation also runs after every epoch
     batch_size: int = 8  # per process
-    # Relative depth is compared after aligning the student to the reference (see trainer/metrics.py).
+    # Relative depth is compared after aligning the student to the reference (see trainer/evaluate/metrics.py).
     align: str = "scale_shift"
     best_metric: str = "abs_rel"  # on the labeled set when there is one, else against the teacher
 

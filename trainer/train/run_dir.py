@@ -18,7 +18,7 @@ from typing import Optional
 
 from accelerate.utils import broadcast_object_list
 
-from trainer.checkpoint import STATES_DIR, all_processes_agree
+from trainer.train.checkpoint import STATES_DIR, all_processes_agree
 from trainer.errors import AgreedRunError, RunError, first_line
 
 RUN_MARKER = "depth_distill_run.json"

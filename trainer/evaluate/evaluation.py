@@ -28,8 +28,8 @@ from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, l
 from trainer.console import ArgumentParser, UnreadableReporter, print_error, say, setup_logging
 from trainer.errors import RunError
 from trainer.processes import check_world_size
-from trainer.metrics import (METRIC_NAMES, average_metrics, depth_metrics, depth_valid_mask_from_disparity,
-                             disparity_to_depth)
+from trainer.evaluate.metrics import (METRIC_NAMES, average_metrics, depth_metrics, depth_valid_mask_from_disparity,
+                                      disparity_to_depth)
 
 
 def _batch_metrics(student: nn.Module, teacher: Optional[DepthAnythingTeacher], batch: dict,

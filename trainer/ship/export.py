@@ -1,6 +1,6 @@
 """ONNX export of the student, verified against PyTorch with onnxruntime.
 
-    python -m trainer.export --checkpoint runs/demo/student_best [--output student.onnx] [--size 256]
+    python -m trainer.ship.export --checkpoint runs/demo/student_best [--output student.onnx] [--size 256]
         [--dynamic-hw] [--overwrite]
 
 Two exporters, because timm's MobileViT computes its patch counts in Python:
@@ -137,7 +137,7 @@ def _output_problem(output: Path, overwrite: bool) -> Optional[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     from modeling import StudentLoadError, load_student  # CLI-only import
 
-    parser = ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.ship.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="student folder (config.json + model.safetensors)")
     parser.add_argument("--output", help="a .onnx path; default: <checkpoint>/../student.onnx")
     parser.add_argument("--size", type=int,

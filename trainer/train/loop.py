@@ -27,15 +27,15 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import all_finite, all_processes_agree, complete_states, save_student, save_training_state
+from trainer.train.checkpoint import all_finite, all_processes_agree, complete_states, save_student, save_training_state
 from trainer.config import Config
 from trainer.console import UnreadableReporter, say
 from trainer.errors import RunError
-from trainer.evaluate import evaluate, format_table
-from trainer.faults import Fault
-from trainer.inputs import Targets
-from trainer.metrics import LOWER_IS_BETTER
-from trainer.visualize import comparison_grid
+from trainer.evaluate.evaluation import evaluate, format_table
+from trainer.train.faults import Fault
+from trainer.train.inputs import Targets
+from trainer.evaluate.metrics import LOWER_IS_BETTER
+from trainer.evaluate.visualize import comparison_grid
 
 logger = get_logger(__name__)
 

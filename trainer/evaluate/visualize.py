@@ -1,4 +1,4 @@
-"""Colour-mapped depth images for TensorBoard and for `trainer.predict`."""
+"""Colour-mapped depth images for TensorBoard and for `trainer.ship.predict`."""
 
 from __future__ import annotations
 

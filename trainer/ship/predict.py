@@ -1,7 +1,7 @@
 """Depth maps for photos from a trained student: a checkpoint folder (PyTorch) or an ONNX file.
 
-    python -m trainer.predict photo.jpg more_photos/ --model runs/demo/student_best --output depth/
-    python -m trainer.predict more_photos/ --model runs/demo/student.onnx --output depth/ --npy --side-by-side
+    python -m trainer.ship.predict photo.jpg more_photos/ --model runs/demo/student_best --output depth/
+    python -m trainer.ship.predict more_photos/ --model runs/demo/student.onnx --output depth/ --npy --side-by-side
 
 Each photo is decoded upright (EXIF orientation applied), resized whole to size x size and
 normalised exactly like the student's evaluation view, and its disparity is resized back to the
@@ -40,7 +40,7 @@ from data import EvalTransform, list_images, load_rgb
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
 from trainer.console import ArgumentParser
 from trainer.errors import first_line
-from trainer.visualize import colorize
+from trainer.evaluate.visualize import colorize
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _onnx_input(onnx_path: Path) -> tuple[Optional[int], str]:
         height, width = (dim.dim_value for dim in dims[2:4])
     except Exception as error:  # protobuf's DecodeError, an empty graph, ...
         raise ValueError(f"{onnx_path} is not an ONNX model ({first_line(error)})") from None
-    # trainer.export records what the file was found to accept; files from elsewhere may not.
+    # trainer.ship.export records what the file was found to accept; files from elsewhere may not.
     recorded = {prop.key: prop.value for prop in model.metadata_props}.get("accepted_sizes")
     # dim_value is set (> 0) for a fixed axis; a dynamic one has a dim_param name instead.
     if not (height and width):
@@ -388,7 +388,7 @@ def summary(written: int, skipped: int, output_dir: str | Path) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.ship.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="student folder (config.json + model.safetensors) or .onnx")
     parser.add_argument("--output", required=True, help="folder for <stem>_depth.png (and .npy, _compare.png)")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, TrainTransform, UnlabeledImageDataset,
                   first_readable, no_images_message, scan_images, split_train_val)
 from data.datasets import _decode_max_side
-from trainer.cache_teacher import open_cache
+from trainer.train.cache_teacher import open_cache
 from trainer.config import Config, ConfigError
 from trainer.console import plural
 from trainer.errors import RunError

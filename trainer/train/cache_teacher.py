@@ -1,7 +1,7 @@
 """Run the frozen teacher once over the training photos and store its depth maps.
 
-    python -m trainer.cache_teacher --config FILE [section.key=value ...] [--cache-dir DIR]
-    accelerate launch -m trainer.cache_teacher --config FILE     # each process takes a share
+    python -m trainer.train.cache_teacher --config FILE [section.key=value ...] [--cache-dir DIR]
+    accelerate launch -m trainer.train.cache_teacher --config FILE     # each process takes a share
 
 Training with `distill.teacher_cache=DIR` then reads the maps instead of running the teacher every
 step. The maps are of the whole photo at data.teacher_size; the trainer crops them like the photo.
@@ -30,7 +30,7 @@ from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, 
 from modeling import DepthAnythingTeacher, TeacherLoadError
 from trainer.console import ArgumentParser
 from trainer.config import Config, ConfigError, load_config
-from trainer.distill import build_teacher
+from trainer.train.distill import build_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m trainer.cache_teacher", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m trainer.train.cache_teacher", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's YAML preset, e.g. trainer/configs/demo.yaml")
     parser.add_argument("--cache-dir", help="where to write the cache (default: distill.teacher_cache)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.teacher_size=518")

@@ -42,7 +42,7 @@ class Fault:
         return (self.step is None or self.step == step) and (self.rank is None or self.rank == rank)
 
     def install(self, trainer) -> None:
-        """Hook the fault into a `trainer.loop.Trainer`: a forward hook (nan), a step-end hook
+        """Hook the fault into a `trainer.train.loop.Trainer`: a forward hook (nan), a step-end hook
         (sigkill, sigterm) or failing save functions (diskfull). The loop itself knows nothing of it."""
         rank, progress = trainer.accelerator.process_index, trainer.progress
         if self.kind == "nan":

@@ -1,11 +1,11 @@
 """Post-training int8 quantisation of the exported student, checked against the fp32 file.
 
-    python -m trainer.quantize --onnx runs/demo/student.onnx [--output student.int8.onnx]
+    python -m trainer.ship.quantize --onnx runs/demo/student.onnx [--output student.int8.onnx]
         [--mode dynamic|static] [--calibration data/samples] [--json quantize.json] [--overwrite]
 
 Both modes run onnxruntime's `quant_pre_process` first (shape inference and graph fusions) and
 then compare the int8 file with the fp32 one on the calibration photos, preprocessed exactly as
-`trainer.predict` does: max and mean |disparity difference|, and the AbsRel / delta1 of the int8
+`trainer.ship.predict` does: max and mean |disparity difference|, and the AbsRel / delta1 of the int8
 depth against the fp32 depth after the per-image scale-and-shift fit used in evaluation.
 
 - dynamic (default): weights are int8 in the file, activations are quantised at run time. ORT's
@@ -45,8 +45,8 @@ import torch
 from data import list_images, load_rgb
 from trainer.console import ArgumentParser
 from trainer.errors import first_line
-from trainer.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
-from trainer.predict import load_predictor, onnx_input_size, preprocess
+from trainer.evaluate.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
+from trainer.ship.predict import load_predictor, onnx_input_size, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class QuantizeError(RuntimeError):
 
 
 def _calibration_batch(calibration_images: Sequence[str | Path], size: int) -> torch.Tensor:
-    """(N, 3, size, size) of the readable images, preprocessed like `trainer.predict`."""
+    """(N, 3, size, size) of the readable images, preprocessed like `trainer.ship.predict`."""
     views = []
     for path in calibration_images:
         try:
@@ -192,8 +192,8 @@ def _outputs_problem(onnx_path: Path, output: Path, json_path: Optional[Path], o
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m trainer.quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", required=True, help="fp32 student from trainer.export")
+    parser = ArgumentParser(prog="python -m trainer.ship.quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--onnx", required=True, help="fp32 student from trainer.ship.export")
     parser.add_argument("--output", help="default: <onnx stem>.int8.onnx beside it")
     parser.add_argument("--mode", choices=MODES, default="dynamic")
     parser.add_argument("--calibration", default="data/samples",
