@@ -64,9 +64,10 @@ def record_exit_code(code: int) -> None:
             file.write(f"{code}\n")
 
 
-def say(message: str, main_process: bool = True) -> None:
-    """A line for the user that never lands in the middle of a progress bar."""
-    if main_process:
+def say(message: str) -> None:
+    """A line for the user, from the global main process only (the launcher's RANK), that never
+    lands in the middle of a progress bar."""
+    if launched_rank() == 0:
         tqdm.write(message, file=sys.stdout)
 
 

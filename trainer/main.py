@@ -39,8 +39,7 @@ from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders,
 from trainer.train.loop import (EXIT_EXPORT, EXIT_OK, EXIT_SAVE_FAILED, EXIT_SETUP, Progress, Trainer,
                                 remap_epoch_position)
 from trainer.processes import check_world_size, die_with_launcher
-from trainer.train.run_dir import (CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, check_shared, holds_run,
-                                   start_run, write_config)
+from trainer.train.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, prepare_run_dir
 
 logger = get_logger(__name__)
 
@@ -101,8 +100,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[str], lis
     return cfg, resume, messages
 
 
-def export_final(cfg: Config, student) -> int:
-    """Main process only: export the best student (the last one if there was no evaluation)."""
+def export_final(accelerator: Accelerator, cfg: Config, student) -> int:
+    """The main process exports the best student (the last one if there was no evaluation); the
+    others wait for it at the end of the run."""
+    if not accelerator.is_main_process:
+        return EXIT_OK
     best = cfg.run_dir / "student_best"
     source = best if best.is_dir() else cfg.run_dir / "student_last"
     if not source.is_dir() and not all_finite(student):
@@ -209,17 +211,9 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator.wait_for_everyone()  # every process has checked the folder before it changes
-    main_process = accelerator.is_main_process
     for message in messages:
-        say(message, main_process)
-    if main_process:
-        if resume:
-            write_config(cfg.run_dir, to_yaml(cfg))  # unchanged, or with the allowed changes above
-        else:
-            deleted = start_run(cfg.run_dir, to_yaml(cfg), overwrite)
-            if deleted:
-                say(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {cfg.run_dir}")
-    check_shared(accelerator, cfg.run_dir)
+        say(message)
+    prepare_run_dir(accelerator, cfg.run_dir, to_yaml(cfg), resume, overwrite)
 
     teacher.place(accelerator.device, accelerator.mixed_precision)
     student = build_student(cfg)
@@ -243,10 +237,10 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     photos_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
     progress.plan(cfg, photos_per_step, max(1, math.ceil(len(train_loader) / cfg.optim.grad_accum_steps)))
     total_steps = progress.step + progress.steps_left(photos_per_step)
-    say(start_summary(cfg, accelerator, photos, teacher, student, targets, total_steps, state), main_process)
+    say(start_summary(cfg, accelerator, photos, teacher, student, targets, total_steps, state))
     if state is not None:
         say(f"resumed from {state} at step {progress.step} (epoch {progress.epoch}, batch "
-            f"{progress.batches_in_epoch})", main_process)
+            f"{progress.batches_in_epoch})")
     accelerator.init_trackers("tensorboard")
     if not resume:
         log_hparams(accelerator, cfg, labeled is not None)
@@ -260,12 +254,12 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
             trainer.run_evaluation()
             if not trainer.save_final():
                 code = EXIT_SAVE_FAILED
-            elif main_process and cfg.export.enabled:
-                code = export_final(cfg, trainer.student)
+            elif cfg.export.enabled:
+                code = export_final(accelerator, cfg, trainer.student)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not trainer.stop_agreed:
-        say(end_summary(cfg, trainer, time.perf_counter() - started, code), main_process)
+        say(end_summary(cfg, trainer, time.perf_counter() - started, code))
     return code
 
 

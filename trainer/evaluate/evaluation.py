@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                        labeled=args.labeled, max_depth=args.max_depth or cfg.data.labeled_max_depth
                        if args.labeled else None, reporter=reporter)
     reference = "ground truth" if args.labeled else f"teacher {cfg.teacher.name}"
-    say(format_table(metrics, f"student {checkpoint} vs {reference}"), accelerator.is_main_process)
+    say(format_table(metrics, f"student {checkpoint} vs {reference}"))
     if not metrics.get("num_images"):
         raise RunError(f"--data {args.data}: none of the images could be read; no metrics")
     if args.json and accelerator.is_main_process:

@@ -287,8 +287,7 @@ class Trainer:
                 self.after_step(window)
                 self.bar.update(1)
                 if self.stop_agreed:
-                    say(f"interrupted: resumable state saved at step {p.step}; continue with --resume latest",
-                        self.accelerator.is_main_process)
+                    say(f"interrupted: resumable state saved at step {p.step}; continue with --resume latest")
                     return EXIT_OK
         return EXIT_OK
 
@@ -398,7 +397,7 @@ class Trainer:
                 raise RunError(f"evaluation at step {self.progress.step}: no {prefix} image could be read; "
                                f"fix or remove the unreadable files named above (training states are kept)")
             self.accelerator.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=self.progress.step)
-            say(format_table(metrics, f"step {self.progress.step} {prefix}"), self.accelerator.is_main_process)
+            say(format_table(metrics, f"step {self.progress.step} {prefix}"))
         if not results:
             return
         main_set = results.get("val_gt", results.get("val_teacher"))

@@ -19,6 +19,7 @@ from typing import Optional
 from accelerate.utils import broadcast_object_list
 
 from trainer.train.checkpoint import STATES_DIR, all_processes_agree
+from trainer.console import say
 from trainer.errors import AgreedRunError, RunError, first_line
 
 RUN_MARKER = "depth_distill_run.json"
@@ -91,6 +92,20 @@ def start_run(run_dir: Path, config_yaml: str, overwrite: bool) -> list[str]:
                                                   "outputs": list(RUN_OUTPUTS)}, indent=1) + "\n")
     write_config(run_dir, config_yaml)
     return deleted
+
+
+def prepare_run_dir(accelerator, run_dir: Path, config_yaml: str, resume: Optional[str], overwrite: bool) -> None:
+    """Collective, after `check_run_dir`: the main process starts the run (or rewrites a resumed
+    run's configuration with the changes a resume may make), then every process checks it sees
+    the folder."""
+    if accelerator.is_main_process:
+        if resume:
+            write_config(run_dir, config_yaml)
+        else:
+            deleted = start_run(run_dir, config_yaml, overwrite)
+            if deleted:
+                say(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {run_dir}")
+    check_shared(accelerator, run_dir)
 
 
 def check_shared(accelerator, run_dir: Path) -> None:
