@@ -51,20 +51,34 @@ class UnlabeledImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         try:
-            image = load_rgb(self.paths[index], self.max_side)
+            loaded = self.load(index)
         except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            return {**_blank_views(self.transform), "valid": torch.tensor(False), "index": index}
-        return {**self.transform(image), "valid": torch.tensor(True), "index": index}
+            return {**self.blank_sample(), "valid": torch.tensor(False), "index": index}
+        return {**self.render(loaded), "valid": torch.tensor(True), "index": index}
 
     def unreadable_reason(self, index: int) -> str:
-        """Why sample `index` comes out invalid, in one line ("truncated JPEG"), or "" if its
-        file decodes now. Decodes the file again, in the calling process."""
-        path = self.paths[index]
+        """Why sample `index` comes out invalid, in one line ("truncated JPEG"), or "" if it
+        loads now. Loads it again, in the calling process."""
         try:
-            load_rgb(path, self.max_side)
+            self.load(index)
         except Exception as error:
-            return describe_unreadable(path, error)
+            return self.describe(index, error)
         return ""
+
+    # What a subclass with other inputs (CachedTeacherDataset) replaces:
+
+    def load(self, index: int):
+        """Read what sample `index` needs; raises for anything unreadable."""
+        return load_rgb(self.paths[index], self.max_side)
+
+    def render(self, image) -> dict[str, torch.Tensor]:
+        return self.transform(image)
+
+    def blank_sample(self) -> dict[str, torch.Tensor]:
+        return _blank_views(self.transform)
+
+    def describe(self, index: int, error: Exception) -> str:
+        return describe_unreadable(self.paths[index], error)
 
 
 class LabeledDepthDataset(Dataset):

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from trainer.errors import first_line
 
-from .datasets import _blank_views, _decode_max_side
+from .datasets import UnlabeledImageDataset, _blank_views, _decode_max_side
 from .images import describe_unreadable, list_images, load_rgb, split_train_val
 from .transforms import EvalTransform, TrainTransform
 
@@ -312,58 +312,54 @@ class TeacherCache:
         return self._shard(entry["shard"]).get_tensor(content_hash).float()
 
 
-class CachedTeacherDataset(Dataset):
+class CacheReadError(RuntimeError):
+    """A photo's teacher map could not be read from its shard (a damaged file)."""
+
+
+class CachedTeacherDataset(UnlabeledImageDataset):
     """Like `UnlabeledImageDataset`, with the teacher's disparity read from a cache instead of
     computed: one crop + flip is drawn and applied to the photo and to the cached map alike.
 
     Returns {"student_image": (3, s, s), "teacher_disparity": (1, s, s) float32, "valid", "index"},
     plus "teacher_image": (3, t, t) when `with_teacher_image` (feature terms still need the live
-    teacher). Unreadable files, and photos changed since caching, give zeros with valid=False and
-    log nothing, as in `UnlabeledImageDataset`; `unreadable_reason(index)` says why.
+    teacher). Unreadable files, photos changed since caching and damaged maps give zeros with
+    valid=False (raising would stop one process's loader while the others wait for it in a
+    collective) and log nothing, as in `UnlabeledImageDataset`; `unreadable_reason(index)` says why.
     """
 
     def __init__(self, paths: Sequence[Path], transform: TrainTransform, cache: TeacherCache,
                  with_teacher_image: bool) -> None:
-        self.paths = list(paths)
-        self.transform, self.cache, self.with_teacher_image = transform, cache, with_teacher_image
-        self.max_side = _decode_max_side(transform)
+        super().__init__(paths, transform)
+        self.cache, self.with_teacher_image = cache, with_teacher_image
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        path, size = self.paths[index], self.transform.student_size
+    def load(self, index: int) -> tuple[Image.Image, torch.Tensor]:
+        path = self.paths[index]
+        photo_hash, image = read_photo(path, self.max_side)
         try:
-            photo_hash, image = read_photo(path, self.max_side)
-            cached = self.cache.get(path, photo_hash)
-        except Exception:  # PIL's errors for bad files; StaleCacheError for a photo changed since
-            # caching. Either way one sample is skipped, not the run: raising here would stop one
-            # process's loader while the others wait for it in a collective.
-            sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
-            return self._select({**sample, "valid": torch.tensor(False), "index": index})
+            return image, self.cache.get(path, photo_hash)
+        except StaleCacheError:
+            raise
+        except Exception as error:  # a damaged shard: safetensors' own errors
+            raise CacheReadError(f"its teacher map in {self.cache.cache_dir} cannot be read "
+                                 f"({first_line(error)})") from None
+
+    def render(self, loaded: tuple[Image.Image, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, cached = loaded
         params = self.transform.sample_params(image)
         views = self.transform.apply(image, params, teacher_view=self.with_teacher_image)
         left, upper, right, lower = params.box
         fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
-        disparity = crop_map(cached, fractions, size, params.flip)
-        return self._select({**views, "teacher_disparity": disparity, "valid": torch.tensor(True), "index": index})
+        disparity = crop_map(cached, fractions, self.transform.student_size, params.flip)
+        return self._select({**views, "teacher_disparity": disparity})
 
-    def unreadable_reason(self, index: int) -> str:
-        """Why sample `index` comes out invalid, in one line: the photo's decoding problem
-        ("truncated JPEG"), or the StaleCacheError message for a photo changed since caching;
-        "" if it loads now. Reads the photo and its map again, in the calling process."""
-        path = self.paths[index]
-        try:
-            photo_hash, _ = read_photo(path, self.max_side)
-        except Exception as error:
-            return describe_unreadable(path, error)
-        try:
-            self.cache.get(path, photo_hash)
-        except StaleCacheError as error:
+    def blank_sample(self) -> dict[str, torch.Tensor]:
+        size = self.transform.student_size
+        return self._select({**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)})
+
+    def describe(self, index: int, error: Exception) -> str:
+        if isinstance(error, (StaleCacheError, CacheReadError)):
             return str(error)
-        except Exception as error:  # a damaged shard: safetensors' own errors
-            return f"its teacher map in {self.cache.cache_dir} cannot be read ({first_line(error)})"
-        return ""
+        return describe_unreadable(self.paths[index], error)
 
     def _select(self, sample: dict) -> dict:
         if not self.with_teacher_image:

@@ -90,9 +90,9 @@ class DistillationLoss(nn.Module):
         teacher_disparity: Tensor,
         student_features: list[Tensor] | None = None,
         teacher_features: list[Tensor] | None = None,
-        mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Disparities (B, 1, H, W), features lists of (B, C, h, w), mask bool (B, 1, H, W).
+        """Disparities (B, 1, H, W), features lists of (B, C, h, w). Every pixel counts: unreadable
+        photos never reach the loss (the trainer fills their slots, see `trainer.train.loop`).
 
         Returns the total and, per active term, ``name`` (unweighted) and ``name_weighted``.
         """
@@ -109,15 +109,13 @@ class DistillationLoss(nn.Module):
             inputs_by_term = {}
             if "silog" in self.terms:
                 inputs_by_term["silog"] = (
-                    normalize_disparity(student, "max", mask),
-                    normalize_disparity(teacher, "max", mask),
-                    mask,
+                    normalize_disparity(student, "max"),
+                    normalize_disparity(teacher, "max"),
                 )
             if any(name in self.terms for name in _NORMALIZED_TERMS):
                 normalized = (
-                    normalize_disparity(student, self.normalization, mask),
-                    normalize_disparity(teacher, self.normalization, mask),
-                    mask,
+                    normalize_disparity(student, self.normalization),
+                    normalize_disparity(teacher, self.normalization),
                 )
                 inputs_by_term.update(dict.fromkeys(_NORMALIZED_TERMS, normalized))
             if self.needs_teacher_features:
