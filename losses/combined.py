@@ -4,11 +4,11 @@ import torch
 from torch import Tensor, nn
 
 from losses.depth import (
-    NORMALIZATIONS,
     GradientLoss,
     PixelLoss,
     SILogLoss,
     SSILoss,
+    check_normalization,
     normalize_disparity,
 )
 from losses.features import AttentionLoss, FeatureLoss
@@ -54,10 +54,7 @@ class DistillationLoss(nn.Module):
         negative = {name: w for name, w in weights.items() if w < 0}
         if negative:
             raise ValueError(f"loss weights must be >= 0, got {negative}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}"
-            )
+        check_normalization(normalization)
         # Ordered as LOSS_TERMS, whatever order the config listed them in.
         self.weights = {
             name: float(weights[name]) for name in LOSS_TERMS if weights.get(name, 0) > 0

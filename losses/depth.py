@@ -41,6 +41,12 @@ def _mean_over_valid_images(per_image: Tensor, valid: Tensor) -> Tensor:
     return (per_image * has_valid).sum() / has_valid.sum().clamp_min(1)
 
 
+def check_normalization(mode: str) -> None:
+    """The one check of a normalisation name (the loss, this module and the config use it)."""
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {mode!r}; expected one of {', '.join(NORMALIZATIONS)}")
+
+
 def normalize_disparity(
     x: Tensor, mode: str, mask: Tensor | None = None, eps: float = 1e-6
 ) -> Tensor:
@@ -62,8 +68,7 @@ def normalize_disparity(
     Divisors are clamped at ``eps`` so constant or all-zero maps come out finite (a constant map
     becomes all zeros under ``median_mad`` and ``minmax``).
     """
-    if mode not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {mode!r}; expected one of {NORMALIZATIONS}")
+    check_normalization(mode)
     if mode == "none":
         return x
     values, valid = _flatten(x, mask)

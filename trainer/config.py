@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from data.datasets import CROPS
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
-from losses.depth import NORMALIZATIONS
+from losses.depth import check_normalization
 from trainer.evaluate.metrics import ALIGN_MODES, METRIC_NAMES
 
 # The choices come from the code that implements them (one list each, nothing to keep in step).
@@ -312,7 +312,10 @@ def validate(cfg: Config) -> None:
            "decoder_width and head_width must be > 0")
 
     ds = cfg.distill
-    _check_choice(ds.normalization, "distill.normalization", NORMALIZATIONS)
+    try:
+        check_normalization(ds.normalization)
+    except ValueError as error:
+        raise ConfigError(f"bad value for config key 'distill.normalization': {error}") from None
     _check_choice(ds.feature_kind, "distill.feature_kind", ("l1", "cosine"))
     _check_choice(ds.ssi_kind, "distill.ssi_kind", ("l1", "mse"))
     _check_choice(ds.pixel_kind, "distill.pixel_kind", ("mse", "l1"))
