@@ -442,5 +442,5 @@ class Trainer:
         return False
 
     def _print_error(self, message: str) -> None:
-        if self.accelerator.is_main_process:
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        if self.accelerator.is_main_process:  # on a line of its own, whatever the progress bar shows
+            tqdm.write(f"error: {message}", file=sys.stderr)
