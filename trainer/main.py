@@ -29,16 +29,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import StaleCacheError, describe_ignored
 from modeling import StudentLoadError, TeacherLoadError, load_student
-from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_finite, load_training_state, resume_candidates
 from trainer.config import Config, ConfigError, flat_hparams, load_config, resume_config, to_yaml
 from trainer.console import ArgumentParser, count_parameters, plural, print_error, record_exit_code, say, setup_logging
-from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
 from trainer.errors import AgreedRunError, RunError
+from trainer.processes import check_world_size, die_with_launcher
 from trainer.ship.export import ExportError, export_student
+from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_finite, load_training_state, resume_candidates
+from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
 from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders, select_photos
 from trainer.train.loop import (EXIT_EXPORT, EXIT_OK, EXIT_SAVE_FAILED, EXIT_SETUP, Progress, Trainer,
                                 remap_epoch_position)
-from trainer.processes import check_world_size, die_with_launcher
 from trainer.train.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, prepare_run_dir
 
 logger = get_logger(__name__)
