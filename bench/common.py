@@ -49,10 +49,6 @@ def build_teacher(tiny: bool) -> DepthAnythingTeacher:
         return DepthAnythingTeacher(DepthAnythingForDepthEstimation(small_config()))
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 class Cycled(Dataset):
     """`dataset` repeated to `length` items: the eight sample photos stand for a large folder."""
 

@@ -40,9 +40,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from bench.common import (Cycled, HostSyncCounter, PeakRss, bench_config, build_teacher, count_parameters, current_rss,
+from bench.common import (Cycled, HostSyncCounter, PeakRss, bench_config, build_teacher, current_rss,
                           format_table, machine, synchronize, write_json)
 from modeling import DepthAnythingTeacher
+from modeling.summary import count as count_parameters
 from trainer.train.cache_teacher import build_cache
 from trainer.config import Config
 from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student

@@ -12,6 +12,8 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Optional
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -121,9 +123,14 @@ class UnreadableReporter:
             logger.warning(f"skipping unreadable {self.what} photo {self.dataset.paths[index]} ({reason})")
 
 
-def count_parameters(module) -> float:
-    """Millions of parameters."""
-    return sum(p.numel() for p in module.parameters()) / 1e6
+def output_path_problem(path: Path, flag: str, what: str = "a file path") -> Optional[str]:
+    """Why a command cannot write the file `path` it was given as `flag`, or None: a folder stands
+    in its place, or there is no folder to put it in."""
+    if path.is_dir():
+        return f"{flag} {path} is a folder; give {what}"
+    if not path.parent.is_dir():
+        return f"folder {path.parent} for {flag} does not exist; create it or choose another {flag}"
+    return None
 
 
 def plural(count: int, noun: str, suffix: str = "s") -> str:

@@ -29,16 +29,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import StaleCacheError, describe_ignored
 from modeling import StudentLoadError, TeacherLoadError, load_student
+from modeling.summary import count as count_parameters
 from trainer.config import Config, ConfigError, flat_hparams, load_config, resume_config, to_yaml
-from trainer.console import ArgumentParser, count_parameters, plural, print_error, record_exit_code, say, setup_logging
+from trainer.console import ArgumentParser, plural, print_error, record_exit_code, say, setup_logging
 from trainer.errors import AgreedRunError, RunError
 from trainer.processes import check_world_size, die_with_launcher
 from trainer.ship.export import ExportError, export_student
 from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_finite, load_training_state, resume_candidates
 from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
 from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders, select_photos
-from trainer.train.loop import (EXIT_EXPORT, EXIT_OK, EXIT_SAVE_FAILED, EXIT_SETUP, Progress, Trainer,
-                                remap_epoch_position)
+from trainer.train.loop import (EXIT_EXPORT, EXIT_OK, EXIT_SAVE_FAILED, EXIT_SETUP, DistillationStep, Progress,
+                                Trainer, remap_epoch_position)
 from trainer.train.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, prepare_run_dir
 
 logger = get_logger(__name__)
@@ -87,9 +88,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Optional[str], lis
             raise ConfigError("--config FILE is required to start a run, e.g. --config trainer/configs/demo.yaml")
         return given, None, []
     run_dir, resume = locate_resumed_run(args.resume, given)
-    if not holds_run(run_dir):
-        raise CheckpointError(f"--resume {args.resume}: {run_dir} holds no run to resume (no {RUN_MARKER}); "
-                              f"check run_name/output_dir")
+    check_run_dir(run_dir, args.resume, overwrite=False)  # a folder holding no run is refused here
     cfg, changes, ignored = resume_config(run_dir / CONFIG_FILE, args.overrides, given)
     cfg.output_dir = str(run_dir)  # the run is where it was found, even if its folder was moved
     messages = [f"resuming with the run's saved configuration {run_dir / CONFIG_FILE}"]
@@ -138,20 +137,19 @@ def log_hparams(accelerator: Accelerator, cfg: Config, labeled: bool) -> None:
 
 
 def start_summary(cfg: Config, accelerator: Accelerator, photos: Photos, teacher, student, targets: Targets,
-                  total_steps: int, resumed_from: Optional[Path]) -> str:
-    d, t = cfg.data, cfg.train
-    per_step = t.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
+                  photos_per_step: int, total_steps: int, resumed_from: Optional[Path]) -> str:
+    d = cfg.data
     lines = [
         f"run '{cfg.run_name}' -> {cfg.run_dir.resolve()}"
         + (f" (resumed from {resumed_from.name})" if resumed_from else " (new run)"),
         f"  photos: {len(photos.train)} for training from {d.train_dir}, {len(photos.val)} for validation"
         + (f" from {d.val_dir}" if d.val_dir else f" ({d.val_fraction:.0%} of them, seed {cfg.seed})"),
-        f"  teacher: {cfg.teacher.name} ({count_parameters(teacher):.2f} M parameters) at {d.teacher_size} px; "
+        f"  teacher: {cfg.teacher.name} ({count_parameters(teacher) / 1e6:.2f} M parameters) at {d.teacher_size} px; "
         f"targets: {targets.value}" + (f" ({cfg.distill.teacher_cache})" if cfg.distill.teacher_cache else ""),
-        f"  student: {cfg.student.backbone} + MiniDPT ({count_parameters(student):.2f} M parameters) at "
+        f"  student: {cfg.student.backbone} + MiniDPT ({count_parameters(student) / 1e6:.2f} M parameters) at "
         f"{d.student_size} px",
         f"  {plural(accelerator.num_processes, 'process', 'es')} on {accelerator.device.type}, mixed precision "
-        f"{accelerator.mixed_precision}, {per_step} photos per step, {total_steps} steps",
+        f"{accelerator.mixed_precision}, {photos_per_step} photos per step, {total_steps} steps",
     ]
     if photos.ignored:
         lines.insert(2, f"  ignored (not a photo format this trainer reads): {describe_ignored(photos.ignored)}")
@@ -236,16 +234,17 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     remap_epoch_position(progress, accelerator.num_processes * cfg.train.batch_size)
     photos_per_step = cfg.train.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
     progress.plan(cfg, photos_per_step, max(1, math.ceil(len(train_loader) / cfg.optim.grad_accum_steps)))
-    total_steps = progress.step + progress.steps_left(photos_per_step)
-    say(start_summary(cfg, accelerator, photos, teacher, student, targets, total_steps, state))
+    say(start_summary(cfg, accelerator, photos, teacher, student, targets, photos_per_step,
+                      progress.last_step(photos_per_step), state))
     if state is not None:
         say(f"resumed from {state} at step {progress.step} (epoch {progress.epoch}, batch "
             f"{progress.batches_in_epoch})")
     accelerator.init_trackers("tensorboard")
     if not resume:
         log_hparams(accelerator, cfg, labeled is not None)
-    trainer = Trainer(cfg, accelerator, module, teacher, targets, optimizer, scheduler, train_loader, val_loader,
-                      labeled_loader, progress, photos_per_step)
+    step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
+                            photos_per_step)
+    trainer = Trainer(cfg, step, train_loader, val_loader, labeled_loader)
     with logging_redirect_tqdm():
         code = trainer.fit()
         trainer.close_window()

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
 from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, load_student
-from trainer.console import ArgumentParser, UnreadableReporter, print_error, say, setup_logging
+from trainer.console import (ArgumentParser, UnreadableReporter, output_path_problem, print_error, say,
+                             setup_logging)
 from trainer.errors import RunError
 from trainer.processes import check_world_size
 from trainer.evaluate.metrics import (METRIC_NAMES, average_metrics, depth_metrics, depth_valid_mask_from_disparity,
@@ -113,12 +114,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise RunError(f"--labeled: {data} must hold images/ and depth/ (missing: {', '.join(missing)})")
     if args.config and not Path(args.config).is_file():
         raise RunError(f"--config {args.config}: no such file")
-    if args.json:
-        folder = Path(args.json).resolve().parent
-        if not folder.is_dir():
-            raise RunError(f"--json {args.json}: folder {folder} does not exist")
-        if Path(args.json).is_dir():
-            raise RunError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'metrics.json'}")
+    problem = output_path_problem(Path(args.json), "--json") if args.json else None
+    if problem:
+        raise RunError(problem)
     if args.batch_size is not None and args.batch_size < 1:
         raise RunError(f"--batch-size {args.batch_size} must be >= 1")
 

@@ -53,13 +53,23 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - low) / (high - low).clamp_min(1e-8)
 
 
+def label_font(size: int):
+    """PIL's built-in font at `size` pixels (scalable since Pillow 10.1), or its fixed bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # older Pillow or no FreeType
+        return ImageFont.load_default()
+
+
 def _labelled_strip(width: int, labels: list[tuple[int, str, str]]) -> torch.Tensor:
     """(3, TEXT_HEIGHT, width) white strip; `labels` are (column, text, anchor 'mm'|'lm'|'rm')."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     strip = Image.new("RGB", (width, TEXT_HEIGHT), "white")
     draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default(size=12)
+    font = label_font(12)
     for x, text, anchor in labels:
         draw.text((x, TEXT_HEIGHT // 2), text, fill="black", font=font, anchor=anchor)
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from trainer.console import ArgumentParser
+from trainer.console import ArgumentParser, output_path_problem
 from trainer.errors import first_line
 
 logger = logging.getLogger(__name__)
@@ -123,10 +123,9 @@ def _output_problem(output: Path, overwrite: bool) -> Optional[str]:
     report = output.with_suffix(output.suffix + ".json")
     if output.suffix != ".onnx":
         return f"--output {output} must end in .onnx"
-    if output.is_dir():
-        return f"--output {output} is a folder; give a file path ending in .onnx"
-    if not output.parent.is_dir():
-        return f"folder {output.parent} for --output does not exist; create it or choose another --output"
+    problem = output_path_problem(output, "--output", "a file path ending in .onnx")
+    if problem:
+        return problem
     existing = [path for path in (output, report) if path.exists()]
     if existing and not overwrite:
         also = f" (and {report.name})" if len(existing) == 2 else ""

@@ -34,13 +34,13 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from data import EvalTransform, list_images, load_rgb
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
-from trainer.console import ArgumentParser
+from trainer.console import ArgumentParser, plural
 from trainer.errors import first_line
-from trainer.evaluate.visualize import colorize
+from trainer.evaluate.visualize import colorize, label_font
 
 logger = logging.getLogger(__name__)
 
@@ -274,20 +274,13 @@ def _colour_image(disparity: torch.Tensor, colormap: str) -> Image.Image:
     return Image.fromarray(rgb)  # (H, W, 3) uint8 is RGB
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable since Pillow 10.1
-    except (TypeError, OSError, ImportError):  # older Pillow or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def colour_bar(height: int, colormap: str) -> Image.Image:
     """A white strip `height` pixels high: the colormap from its high end ("near": colorize maps
     high disparity there) at the top row to its low end ("far") at the bottom row, labelled."""
     import matplotlib
 
     font_size = max(10, min(48, height // 16))
-    font = _font(font_size)
+    font = label_font(font_size)
     pad, bar_width = max(2, font_size // 4), font_size
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_width = math.ceil(max(probe.textlength(word, font=font) for word in ("near", "far")))
@@ -383,7 +376,7 @@ def predict_paths(paths: Iterable[str | Path], model_path: str | Path, output_di
 
 
 def summary(written: int, skipped: int, output_dir: str | Path) -> str:
-    line = f"wrote {written} depth map{'' if written == 1 else 's'} to {output_dir}"
+    line = f"wrote {plural(written, 'depth map')} to {output_dir}"
     return line + (f" ({skipped} skipped: unreadable, see the warnings above)" if skipped else "")
 
 

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from data import list_images, load_rgb
-from trainer.console import ArgumentParser
+from trainer.console import ArgumentParser, output_path_problem
 from trainer.errors import first_line
 from trainer.evaluate.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
 from trainer.ship.predict import load_predictor, onnx_input_size, preprocess
@@ -178,12 +178,10 @@ def _outputs_problem(onnx_path: Path, output: Path, json_path: Optional[Path], o
     """Why the CLI must not write `output` and `json_path`, or None; checked before any work."""
     if output.resolve() == onnx_path.resolve():
         return f"--output {output} is the fp32 model itself; choose another path"
-    if json_path is not None and json_path.is_dir():
-        return f"--json {json_path} is a folder; give a file path"
-    if json_path is not None and not json_path.parent.is_dir():
-        return f"folder {json_path.parent} for --json does not exist; create it or choose another --json"
-    if output.is_dir():
-        return f"--output {output} is a folder; give a file path ending in .onnx"
+    for path, flag, what in ((json_path, "--json", "a file path"), (output, "--output", "a file path ending in .onnx")):
+        problem = output_path_problem(path, flag, what) if path is not None else None
+        if problem:
+            return problem
     existing = [path for path in (output, json_path) if path is not None and path.exists()]
     if existing and not overwrite:
         return (f"{existing[0]} already exists; pass --overwrite to replace it or choose another "

@@ -84,8 +84,9 @@ class Progress:
         unit = self.photos_per_step_at_start or 1
         return self.photos_seen / unit, self.total_photos / unit
 
-    def steps_left(self, photos_per_step: int) -> int:
-        return max(0, math.ceil((self.total_photos - self.photos_seen) / photos_per_step))
+    def last_step(self, photos_per_step: int) -> int:
+        """The step at which the run's photos are all seen, at `photos_per_step` from now on."""
+        return self.step + max(0, math.ceil((self.total_photos - self.photos_seen) / photos_per_step))
 
 
 def remap_epoch_position(progress: Progress, global_batch: int) -> None:
@@ -231,17 +232,14 @@ class DistillationStep:
 class Trainer:
     """Holds what the loop needs between steps; each method does one thing of the loop."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, module, teacher, targets: Targets, optimizer,
-                 scheduler, train_loader, val_loader, labeled_loader, progress: Progress, photos_per_step: int):
-        self.cfg, self.accelerator, self.module = cfg, accelerator, module
-        self.teacher, self.targets = teacher, targets
-        self.optimizer, self.scheduler = optimizer, scheduler
+    def __init__(self, cfg: Config, step: DistillationStep, train_loader, val_loader, labeled_loader):
+        self.cfg, self.step = cfg, step
+        # What the loop's other duties use of the step's pieces (evaluation, saving, lr logging).
+        self.accelerator, self.module, self.teacher = step.accelerator, step.module, step.teacher
+        self.optimizer, self.progress = step.optimizer, step.progress
         self.train_loader, self.val_loader, self.labeled_loader = train_loader, val_loader, labeled_loader
-        self.progress, self.photos_per_step = progress, photos_per_step
-        self.total_steps = progress.step + progress.steps_left(photos_per_step)  # for the progress bar
+        self.total_steps = self.progress.last_step(step.photos_per_step)  # for the progress bar
         self.run_dir = cfg.run_dir
-        self.step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
-                                     photos_per_step)
         self.stop = StopRequested()
         self.step.stop_requested = lambda: self.stop.flag
         self.sums: dict[str, torch.Tensor] = {}  # detached running sums, reduced at log time
