@@ -51,6 +51,23 @@ def tiny_config() -> DepthAnythingConfig:
                                head_hidden_size=8)
 
 
+def _init_tiny(model: DepthAnythingForDepthEstimation) -> None:
+    # PyTorch's default init for convolutions and linear layers, not transformers' std-0.02 one,
+    # which leaves a random tiny teacher predicting ~1e-7 everywhere: a constant map.
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.LayerNorm)):
+            module.reset_parameters()
+        elif name.endswith("embeddings") and hasattr(module, "position_embeddings"):
+            nn.init.trunc_normal_(module.position_embeddings, std=0.02)
+            nn.init.trunc_normal_(module.cls_token, std=0.02)
+            nn.init.zeros_(module.mask_token)
+        elif hasattr(module, "lambda1"):  # Dinov2's layer scale
+            nn.init.constant_(module.lambda1, model.config.backbone_config.layerscale_value)
+    # The head ends in ReLU: with a random negative bias every pixel can come out 0 (it did, for
+    # one seed in two). A positive bias keeps the output positive where the random features allow.
+    nn.init.constant_(model.head.conv3.bias, 0.1)
+
+
 def _load_error(name: str, error: Exception) -> TeacherLoadError:
     reason = first_line(error)
     # huggingface_hub reads HF_HUB_OFFLINE once, at import: ask it rather than the environment.
@@ -104,13 +121,12 @@ class DepthAnythingTeacher(nn.Module):
     def tiny(cls, feature_layers: Optional[list[int]] = None, seed: int = 0) -> "DepthAnythingTeacher":
         # Seeded so every process of a run, and every test, builds the same random teacher.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
             model = DepthAnythingForDepthEstimation(tiny_config())
-            # PyTorch's default init instead of transformers' std-0.02 one, which leaves a random
-            # tiny teacher predicting ~1e-7 everywhere: a constant map, nothing to distil.
-            for layer in model.modules():
-                if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-                    layer.reset_parameters()
+            # Every weight set here, from one seed, in one order: how much randomness transformers'
+            # own init draws changes between its releases (5.17 and 5.24 gave different weights,
+            # and 5.17's made the head's final ReLU zero every pixel: nothing to distil or score).
+            torch.manual_seed(seed)
+            _init_tiny(model)
         return cls(model, feature_layers)
 
     def save_pretrained(self, path: str | Path) -> None:

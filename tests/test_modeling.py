@@ -257,3 +257,38 @@ def test_a_half_precision_teacher_keeps_its_depth_head_in_fp32():
     assert next(teacher.model.head.parameters()).dtype == torch.float32
     assert not torch.equal(disparity, disparity.bfloat16().float())  # values between bf16's steps
     torch.testing.assert_close(disparity, expected, rtol=0.1, atol=0.05 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("seed", [0, 5, 8, 10])
+def test_the_tiny_teacher_gives_a_positive_varying_map_whatever_the_seed(seed):
+    """Its final ReLU used to zero every pixel for some seeds (5, 8, 10; and 0 under transformers
+    5.17, whose own init draws differently): the demo then distilled and scored nothing."""
+    from data import EvalTransform, UnlabeledImageDataset, list_images
+    from modeling import DepthAnythingTeacher
+
+    from tests.conftest import SAMPLES
+
+    dataset = UnlabeledImageDataset(list_images(SAMPLES)[:4], EvalTransform(70, 64))
+    images = torch.stack([dataset[i]["teacher_image"] for i in range(4)])
+    disparity = DepthAnythingTeacher.tiny(seed=seed)(images).disparity.flatten(1)
+    assert ((disparity > 0).float().mean(dim=1) > 0.5).all()  # depth at most pixels of every photo
+    assert (disparity.std(dim=1) > 1e-3 * disparity.mean(dim=1)).all()
+
+
+def test_the_tiny_teacher_does_not_depend_on_how_transformers_draws_its_init(monkeypatch):
+    """The same seed must give the same teacher whatever randomness transformers' own init
+    consumes (it differs between releases: 5.17 and 5.24 gave different tiny teachers)."""
+    from transformers import DepthAnythingForDepthEstimation
+
+    from modeling import DepthAnythingTeacher
+
+    expected = DepthAnythingTeacher.tiny().state_dict()
+    original_init = DepthAnythingForDepthEstimation.__init__
+
+    def init_drawing_more(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        torch.rand(1000)  # another release's init, drawing more
+
+    monkeypatch.setattr(DepthAnythingForDepthEstimation, "__init__", init_drawing_more)
+    actual = DepthAnythingTeacher.tiny().state_dict()
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)

@@ -171,10 +171,10 @@ class DistillationStep:
         (no host synchronisation); a batch with none still runs, with zero loss, so that every
         process takes part in DDP's gradient all-reduce."""
         valid = batch["valid"]
-        first = valid.to(torch.int64).argmax()
+        first = valid.to(torch.int64).argmax().view(1)  # a 1-element index: x[0-dim tensor] would read it on the host
 
         def readable(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, x[first])
+            return torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, x.index_select(0, first))
 
         images = readable(batch["student_image"])
         if self.cfg.train.channels_last:
@@ -391,9 +391,10 @@ class Trainer:
             results["val_gt"] = evaluate(self.accelerator, self.student, self.labeled_loader, align=self.cfg.eval.align,
                                          labeled=True, max_depth=self.cfg.data.labeled_max_depth)
         for prefix, metrics in results.items():
-            if not metrics.get("num_images"):  # every image failed: NaN metrics would pass for a result
-                raise RunError(f"evaluation at step {self.progress.step}: no {prefix} image could be read; "
-                               f"fix or remove the unreadable files named above (training states are kept)")
+            if not metrics.get("num_images"):  # NaN metrics would pass for a result
+                raise RunError(f"evaluation at step {self.progress.step}: no {prefix} image could be scored: each "
+                               f"was unreadable (named above) or its reference depth had no valid pixel "
+                               f"(training states are kept)")
             self.accelerator.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=self.progress.step)
             say(format_table(metrics, f"step {self.progress.step} {prefix}"))
         if not results:
