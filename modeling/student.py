@@ -1,4 +1,5 @@
-"""The phone-sized student: a timm encoder (MobileViT-XS by default) and the MiniDPT decoder.
+"""The phone-sized student: a timm encoder (MobileViT-XS by default) and a DPT-style decoder
+(`modeling.decoder`: the lean preset by default, or the first student's MiniDPT).
 
 A trained student is a folder of two files, `config.json` (the constructor arguments, including
 the input size it was trained at and the normalisation it expects) and `model.safetensors`.
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from modeling.decoder import MiniDPT
+from modeling.decoder import build_decoder
 from trainer.errors import first_line
 
 # Encoder stages fed to the decoder: strides 4, 8, 16, 32 (timm's feature index 0 is stride 2).
@@ -80,26 +81,30 @@ class StudentDepthModel(nn.Module, PyTorchModelHubMixin, library_name="depth-dis
 
     The constructor arguments are what config.json records, so they never include `pretrained`:
     loading a saved student must not try to download ImageNet weights. Use `build` for that.
-    `input_size` is the square side the student was trained at (None: not recorded, as in folders
-    saved before it was); `image_mean` / `image_std` are the normalisation its input expects. They
-    change nothing in the network: they tell export and prediction how to feed it.
+    `decoder` names the preset (`modeling.decoder.DECODERS`); `decoder_width` / `head_width` of
+    None take the preset's own. `input_size` is the square side the student was trained at (None:
+    not recorded, as in folders saved before it was); `image_mean` / `image_std` are the
+    normalisation its input expects. They change nothing in the network: they tell export and
+    prediction how to feed it.
     """
 
-    def __init__(self, backbone: str = "mobilevit_xs", decoder_width: int = 64, head_width: int = 32,
-                 input_size: Optional[int] = None, image_mean: Sequence[float] = IMAGENET_MEAN,
-                 image_std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, backbone: str = "mobilevit_xs", decoder: str = "lean", decoder_width: Optional[int] = None,
+                 head_width: Optional[int] = None, input_size: Optional[int] = None,
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         self.encoder = create_encoder(backbone, pretrained=False)
         self.feature_channels: list[int] = self.encoder.feature_info.channels()
-        self.decoder = MiniDPT(self.feature_channels, width=decoder_width, head_width=head_width)
+        self.decoder = build_decoder(decoder, self.feature_channels, decoder_width, head_width)
         self.input_size = input_size
         self.image_mean = [float(value) for value in image_mean]
         self.image_std = [float(value) for value in image_std]
 
     @classmethod
-    def build(cls, backbone: str = "mobilevit_xs", decoder_width: int = 64, head_width: int = 32,
-              pretrained: bool = False, input_size: Optional[int] = None) -> "StudentDepthModel":
-        model = cls(backbone=backbone, decoder_width=decoder_width, head_width=head_width, input_size=input_size)
+    def build(cls, backbone: str = "mobilevit_xs", decoder: str = "lean", decoder_width: Optional[int] = None,
+              head_width: Optional[int] = None, pretrained: bool = False,
+              input_size: Optional[int] = None) -> "StudentDepthModel":
+        model = cls(backbone=backbone, decoder=decoder, decoder_width=decoder_width, head_width=head_width,
+                    input_size=input_size)
         if pretrained:
             model.encoder.load_state_dict(create_encoder(backbone, pretrained=True).state_dict())
         return model
@@ -136,6 +141,8 @@ def _build_from_config(config: dict, config_path: Path) -> StudentDepthModel:
     # since (input_size, image_mean, image_std) take their defaults, so older folders still load.
     known = {key: value for key, value in config.items() if key in StudentDepthModel._hub_mixin_init_parameters
              and key != "self"}
+    # Folders saved before decoders had names all hold MiniDPT, whose widths they record.
+    known.setdefault("decoder", "dpt")
     try:
         return StudentDepthModel(**known)
     except StudentLoadError as error:  # unknown backbone

@@ -68,6 +68,8 @@ def test_cli_beats_yaml_beats_defaults():
     ("distill.normalization=zscore", ["'distill.normalization'", "zscore", "median_mad"]),
     ("eval.best_metric=foo", ["'eval.best_metric'", "abs_rel"]),
     ("eval.align=foo", ["'eval.align'", "scale_shift"]),
+    ("student.decoder=unet", ["'student.decoder'", "'unet' is not one of lean, dpt"]),
+    ("student.decoder_width=0", ["'student.decoder_width'", "must be > 0 (or null"]),
     ("optim.lr", ["optim.lr", "section.key=value"]),
 ])
 def test_bad_overrides_are_rejected_naming_the_key(override, expected):

@@ -167,8 +167,8 @@ def test_student_save_load_round_trip(student, student_images, student_out, tmp_
     (folder / "README.md").unlink(missing_ok=True)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config == {"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8, "input_size": None,
-                      "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    assert config == {"backbone": "mobilevit_xs", "decoder": "lean", "decoder_width": 16, "head_width": 8,
+                      "input_size": None, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     loaded = StudentDepthModel.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(student_images), student_out[0])
@@ -231,13 +231,57 @@ def test_minidpt_needs_four_stages():
 
 # --- summary -------------------------------------------------------------------------------------
 
-def test_summary_counts(capsys):
+def test_summary_counts_parameters_and_flops_per_stage(capsys):
     from modeling.summary import main
 
-    main([])
-    lines = dict(re.findall(r"^(\w[^\n]*?)\s{2,}([\d.]+) M$", capsys.readouterr().out, re.M))
-    assert float(lines["teacher (Depth-Anything-V2-Small)"]) == pytest.approx(24.785, abs=0.01)
-    assert float(lines["student (mobilevit_xs + MiniDPT w64)"]) < 4
+    main(["--size", "256"])
+    out = capsys.readouterr().out
+    lean, dpt = out.split("mobilevit_xs + dpt decoder")
+    rows = {name: (float(params), float(flops)) for name, params, flops in
+            re.findall(r"^( *\S.*?)\s{2,}([\d.]+) M\s+([\d.]+)$", lean, re.M)}
+    for stage in ("  stages_1 (to stride 4)", "  fusion at stride 4", "  fusion at stride 32",
+                  "  head (upsampling to full size)"):
+        assert rows[stage][1] > 0, stage
+    # The budget for the default (lean) student at 256x256: the decoder costs at most the
+    # encoder, the whole student at most ~2.7 GFLOPs (the dpt64 student: 5.45).
+    assert rows["decoder"][1] <= rows["encoder"][1] and rows["student"][1] <= 2.7
+    assert rows["encoder"][1] == pytest.approx(1.817, abs=0.01)
+    assert re.search(r"^student\s+2\.605 M\s+5\.455$", dpt, re.M)
+    assert "teacher (Depth-Anything-V2-Small, 24.785 M) at 518x518: 80.67 GFLOPs" in lean
+    assert "at 252x252" in lean  # the teacher at the student's size, rounded to its patch
+
+
+# --- export at any size ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", ["mobilevit_xs", "mobilevitv2_050"])
+def test_the_traceable_mobilevit_forward_is_timms_bit_for_bit(backbone):
+    from modeling.traceable import input_multiple, traceable_any_size
+
+    torch.manual_seed(0)
+    model = StudentDepthModel(backbone=backbone).eval()
+    images = torch.randn(2, 3, 128, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(images)
+        with traceable_any_size(model):
+            got = model(images)
+        after = model(images)
+    assert torch.equal(got, expected) and torch.equal(after, expected)
+    assert input_multiple(model.encoder) == 64  # 2x2 patches on the stride-32 map
+
+
+def test_decoder_presets_and_widths():
+    from modeling.decoder import LeanDecoder, build_decoder, lean_widths
+
+    channels = [48, 64, 80, 384]
+    assert lean_widths(96) == [32, 48, 64, 96]
+    lean = build_decoder("lean", channels)
+    assert isinstance(lean, LeanDecoder) and [c.out_channels for c in lean.reassemble] == [32, 48, 64, 96]
+    dpt = build_decoder("dpt", channels)
+    assert isinstance(dpt, MiniDPT) and [c.out_channels for c in dpt.reassemble] == [64] * 4
+    with pytest.raises(ValueError, match="unknown decoder 'unet'; choose from lean, dpt"):
+        build_decoder("unet", channels)
+    features = [torch.randn(1, c, 64 // s, 96 // s) for c, s in zip(channels, [4, 8, 16, 32])]
+    assert lean(features).shape == (1, 1, 64, 96) and (lean(features) > 0).all()
 
 
 def test_a_half_precision_teacher_keeps_its_depth_head_in_fp32():

@@ -49,8 +49,8 @@ def _load_error(path: Path) -> str:
 
 def test_config_records_input_size_and_normalisation(saved, student):
     config = json.loads((saved / "config.json").read_text())
-    assert config == {"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8, "input_size": 64,
-                      "image_mean": CUSTOM_MEAN, "image_std": CUSTOM_STD}
+    assert config == {"backbone": "mobilevit_xs", "decoder": "lean", "decoder_width": 16, "head_width": 8,
+                      "input_size": 64, "image_mean": CUSTOM_MEAN, "image_std": CUSTOM_STD}
     loaded = load_student(saved)
     assert (loaded.input_size, loaded.image_mean, loaded.image_std) == (64, CUSTOM_MEAN, CUSTOM_STD)
     assert not loaded.training
@@ -64,9 +64,18 @@ def test_build_records_input_size():
     assert model.input_size == 128 and model._hub_mixin_config["input_size"] == 128
 
 
-def test_old_config_without_the_new_keys_loads_with_defaults(saved, tmp_path):
-    folder = _copy(saved, tmp_path, config={"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8})
-    loaded = load_student(folder)
+def test_old_config_without_the_new_keys_loads_with_defaults(tmp_path):
+    """Folders saved before input_size, the normalisation and decoder names were recorded: a
+    MiniDPT with its widths only."""
+    torch.manual_seed(0)
+    old = StudentDepthModel(decoder="dpt", decoder_width=16, head_width=8).eval()
+    old.save_pretrained(tmp_path / "student")
+    (tmp_path / "student" / "config.json").write_text(
+        json.dumps({"backbone": "mobilevit_xs", "decoder_width": 16, "head_width": 8}))
+    loaded = load_student(tmp_path / "student")
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert type(loaded.decoder).__name__ == "MiniDPT" and torch.equal(loaded(images), old(images))
     assert loaded.input_size is None
     assert loaded.image_mean == [0.485, 0.456, 0.406] and loaded.image_std == [0.229, 0.224, 0.225]
 

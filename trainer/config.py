@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from data.datasets import CROPS
 from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
 from losses.depth import check_normalization
+from modeling.decoder import DECODERS
 from trainer.evaluate.metrics import ALIGN_MODES, METRIC_NAMES
 
 # The choices come from the code that implements them (one list each, nothing to keep in step).
@@ -62,8 +63,11 @@ class TeacherConfig:
 class StudentConfig:
     backbone: str = "mobilevit_xs"  # any timm model with features_only support
     pretrained: bool = True  # ImageNet weights from the hub through timm
-    decoder_width: int = 64
-    head_width: int = 32
+    decoder: str = "lean"  # lean | dpt (the first student's MiniDPT); see modeling/decoder.py
+    # None: the preset's own (lean 96 / 16, dpt 64 / 32). lean narrows towards the fine stages
+    # (decoder_width is its stride-32 width); dpt uses decoder_width at every stage.
+    decoder_width: Optional[int] = None
+    head_width: Optional[int] = None
 
 
 @dataclass
@@ -308,8 +312,10 @@ def validate(cfg: Config) -> None:
     _check(d.labeled_depth_scale > 0, "data.labeled_depth_scale", "must be > 0")
 
     _check(bool(cfg.teacher.name), "teacher.name", "must be a hub id, a local directory or 'tiny'")
-    _check(cfg.student.decoder_width > 0 and cfg.student.head_width > 0, "student.decoder_width",
-           "decoder_width and head_width must be > 0")
+    _check_choice(cfg.student.decoder, "student.decoder", DECODERS)
+    for key in ("decoder_width", "head_width"):
+        value = getattr(cfg.student, key)
+        _check(value is None or value > 0, f"student.{key}", f"{value} must be > 0 (or null: the preset's own)")
 
     ds = cfg.distill
     try:

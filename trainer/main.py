@@ -146,8 +146,8 @@ def start_summary(cfg: Config, accelerator: Accelerator, photos: Photos, teacher
         + (f" from {d.val_dir}" if d.val_dir else f" ({d.val_fraction:.0%} of them, seed {cfg.seed})"),
         f"  teacher: {cfg.teacher.name} ({count_parameters(teacher) / 1e6:.2f} M parameters) at {d.teacher_size} px; "
         f"targets: {targets.value}" + (f" ({cfg.distill.teacher_cache})" if cfg.distill.teacher_cache else ""),
-        f"  student: {cfg.student.backbone} + MiniDPT ({count_parameters(student) / 1e6:.2f} M parameters) at "
-        f"{d.student_size} px",
+        f"  student: {cfg.student.backbone} + {cfg.student.decoder} decoder "
+        f"({count_parameters(student) / 1e6:.2f} M parameters) at {d.student_size} px",
         f"  {plural(accelerator.num_processes, 'process', 'es')} on {accelerator.device.type}, mixed precision "
         f"{accelerator.mixed_precision}, {photos_per_step} photos per step, {total_steps} steps",
     ]

@@ -48,7 +48,7 @@ def build_student(cfg: Config) -> StudentDepthModel:
     s = cfg.student
     # The training input size goes into the student's config.json: predict, export and evaluate
     # then run it at the size it learned, not at some default.
-    return StudentDepthModel.build(s.backbone, s.decoder_width, s.head_width, pretrained=s.pretrained,
+    return StudentDepthModel.build(s.backbone, s.decoder, s.decoder_width, s.head_width, pretrained=s.pretrained,
                                    input_size=cfg.data.student_size)
 
 
