@@ -7,22 +7,54 @@ import shutil
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 
 from trainer.ship.export import ExportError, export_student, main
 
 
-def test_export_is_checked_and_records_what_it_accepts(student, tmp_path):
+def test_export_takes_any_multiple_of_64_and_records_what_it_checked(student, tmp_path):
     path = tmp_path / "student.onnx"
     report = export_student(student, path, size=64)
     assert report["max_abs_diff_vs_pytorch"] < 1e-4
-    # The TorchScript exporter fixes H and W (timm's MobileViT counts patches in Python).
-    assert (report["dynamic_batch"], report["dynamic_hw"], report["accepted_sizes"]) == (True, False, "64x64 only")
+    assert (report["dynamic_batch"], report["dynamic_hw"], report["size_multiple"]) == (True, True, 64)
+    assert report["accepted_sizes"] == "any H and W that are multiples of 64"
+    assert report["checked_sizes"] == [[64, 64], [128, 128], [64, 192]]
+    # Fidelity in depth terms on the shipped photos: fp32 onnxruntime is PyTorch to rounding.
+    fidelity = report["fidelity"]
+    assert fidelity["num_images"] == 8 and fidelity["size"] == [64, 64]
+    assert fidelity["aligned_abs_rel"] < 1e-5 and fidelity["aligned_delta1"] == 1.0 and fidelity["max_abs_diff"] < 1e-4
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert metadata["input"] == "image" and json.loads(metadata["mean"]) == [0.485, 0.456, 0.406]
+    assert metadata["size_multiple"] == "64"
     assert json.loads((tmp_path / "student.onnx.json").read_text()) == report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx", "student.onnx.json"]  # no .tmp_
+
+    # The file itself, at three sizes it was not traced at (one not square), batch 3.
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for height, width in ((128, 64), (192, 192), (256, 128)):
+        images = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+        with torch.no_grad():
+            expected = student(images)
+        got = torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+        assert got.shape == (3, 1, height, width)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_export_at_a_multiple_of_32_only_is_fixed_size_and_says_so(student, tmp_path):
+    report = export_student(student, tmp_path / "student.onnx", size=96)
+    assert (report["dynamic_hw"], report["size_multiple"], report["checked_sizes"]) == (False, None, [[96, 96]])
+    assert report["accepted_sizes"].startswith("96x96 only")
+
+
+@pytest.mark.parametrize("preset", [{"decoder": "lean"}, {"decoder": "dpt", "decoder_width": 16, "head_width": 8}])
+def test_each_decoder_preset_builds_and_exports(preset, tmp_path):
+    from modeling import StudentDepthModel
+
+    torch.manual_seed(0)
+    report = export_student(StudentDepthModel(**preset).eval(), tmp_path / "student.onnx", size=64)
+    assert report["dynamic_hw"] and report["max_abs_diff_vs_pytorch"] < 1e-4
 
 
 def test_non_finite_student_is_not_exported_and_the_previous_file_stays(student, tmp_path):
@@ -60,7 +92,8 @@ def run_dir(student, tmp_path_factory) -> Path:
     trained_at_64 = StudentDepthModel(decoder_width=16, head_width=8, input_size=64)
     trained_at_64.load_state_dict(student.state_dict())
     trained_at_64.save_pretrained(folder / "student_best")
-    student.save_pretrained(folder / "student_old")
+    # Saved before input_size and decoder names were recorded: a MiniDPT with its widths only.
+    StudentDepthModel(decoder="dpt", decoder_width=16, head_width=8).save_pretrained(folder / "student_old")
     config = json.loads((folder / "student_old" / "config.json").read_text())
     old = {key: config[key] for key in ("backbone", "decoder_width", "head_width")}
     (folder / "student_old" / "config.json").write_text(json.dumps(old))
@@ -93,7 +126,8 @@ def test_cli_exports_at_the_recorded_size_next_to_the_checkpoint(run_dir, capsys
     report_text, wrote = out.rsplit("\n", 2)[0], out.rstrip("\n").rsplit("\n", 1)[1]
     assert json.loads(report_text)["export_size"] == [64, 64]
     assert wrote == f"wrote {onnx_path.resolve()} and {onnx_path.resolve()}.json"
-    assert json.loads((run_dir / "student.onnx.json").read_text())["accepted_sizes"] == "64x64 only"
+    assert json.loads((run_dir / "student.onnx.json").read_text())["accepted_sizes"] == (
+        "any H and W that are multiples of 64")
     # The run's own ONNX file is not replaced by a second export without --overwrite.
     written = onnx_path.read_bytes()
     assert main(["--checkpoint", str(run_dir / "student_best"), "--size", "96"]) == 1
@@ -113,6 +147,7 @@ def test_cli_old_checkpoint_exports_at_256_and_says_so(run_dir, tmp_path, fake_e
     output = tmp_path / "old.onnx"
     assert main(["--checkpoint", str(run_dir / "student_old"), "--output", str(output)]) == 0
     assert fake_export[0]["size"] == 256 and fake_export[0]["student"].input_size is None
+    assert type(fake_export[0]["student"].decoder).__name__ == "MiniDPT"  # what such folders hold
     assert capsys.readouterr().err.strip() == (f"info: {run_dir / 'student_old'} records no input_size (saved before "
                                                f"it was recorded); exporting at 256x256 (pass --size to choose)")
     assert main(["--checkpoint", str(run_dir / "student_old"), "--output", str(tmp_path / "b.onnx"),

@@ -1,12 +1,15 @@
 """ONNX export of the student, verified against PyTorch with onnxruntime.
 
     python -m trainer.ship.export --checkpoint runs/demo/student_best [--output student.onnx] [--size 256]
-        [--dynamic-hw] [--overwrite]
+        [--atol 1e-3] [--overwrite]
 
-Two exporters, because timm's MobileViT computes its patch counts in Python:
-- default (TorchScript tracer, seconds): dynamic batch, height and width fixed at the export size;
-- `--dynamic-hw` (torch.export / dynamo, minutes on a laptop CPU): any multiple of 32.
-Either way the file is run once at another size to record which sizes it really accepts.
+The file takes any batch and, when the export size is a multiple of the student's input multiple
+(64 for MobileViT-XS, see `modeling.traceable`), any height and width that are multiples of it:
+the TorchScript tracer runs in seconds and the MobileViT blocks' patch counts become graph
+arithmetic. At another multiple of 32 (e.g. 224) the file takes its export size only. The file is
+checked against PyTorch at three sizes (one of them not square) and on the shipped sample photos;
+`<output>.json` and the file's metadata record the sizes it accepts, the sizes checked, the largest
+difference and the depth metrics of onnxruntime against PyTorch (`fidelity`).
 
 The CLI exports at the size the student was trained at (config.json's `input_size`; 256 for
 folders saved before it was recorded), writes `<checkpoint>/../student.onnx` by default and
@@ -17,22 +20,26 @@ loaded, or an export that failed (nothing is left behind); also 1 for arguments 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from modeling.traceable import input_multiple, traceable_any_size
 from trainer.console import ArgumentParser, output_path_problem
 from trainer.errors import first_line
+from trainer.ship.fidelity import agreement, photo_batch, sample_photos
 
 logger = logging.getLogger(__name__)
 
@@ -45,28 +52,24 @@ class ExportError(RuntimeError):
     """The ONNX file could not be written or does not match PyTorch."""
 
 
-def _export(student: nn.Module, path: Path, size: int, opset: int, dynamic_hw: bool) -> None:
+def _export(student: nn.Module, path: Path, size: int, opset: int, any_size: bool) -> None:
     example = torch.randn(1, 3, size, size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints in timm's MobileViT
-        if dynamic_hw:
-            dim = torch.export.Dim
-            torch.onnx.export(student, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              opset_version=opset, dynamo=True, verbose=False,
-                              dynamic_shapes={"images": {0: dim("batch", min=1, max=1024), 2: dim.AUTO, 3: dim.AUTO}})
-        else:
-            axes = {0: "batch"}
-            torch.onnx.export(student, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              opset_version=opset, dynamo=False,
-                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes})
+    axes = {0: "batch", 2: "height", 3: "width"} if any_size else {0: "batch"}
+    forward = traceable_any_size(student) if any_size else contextlib.nullcontext()
+    with forward, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values in timm's code
+        torch.onnx.export(student, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamo=False, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes})
+
+
+def _run(session, images: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
 
 
 def _max_abs_diff(session, student: nn.Module, shape: tuple[int, ...]) -> float:
     images = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
     with torch.no_grad():
-        torch_out = student(images).numpy()
-    return float(np.abs(onnx_out - torch_out).max())
+        return float((_run(session, images) - student(images)).abs().max())
 
 
 def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -76,35 +79,60 @@ def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, dynamic_hw: bool = False,
-                   atol: float = 1e-3) -> dict:
+def sizes_to_check(size: int, multiple: Optional[int]) -> list[tuple[int, int]]:
+    """(H, W) pairs an export is verified at: its own size and, for a file that takes any
+    multiple of `multiple`, a larger square and a non-square size."""
+    if multiple is None:
+        return [(size, size)]
+    return [(size, size), (size + multiple, size + multiple), (size, size + 2 * multiple)]
+
+
+def photo_fidelity(session, student: nn.Module, photos: Sequence[Path], size: int) -> dict:
+    """onnxruntime against PyTorch on `photos` at size x size (`trainer.ship.fidelity.agreement`)."""
+    images = photo_batch(photos, size)
+    with torch.no_grad():
+        reference = torch.cat([student(batch) for batch in images.split(8)])
+    candidate = torch.cat([_run(session, batch) for batch in images.split(8)])
+    return {"size": [size, size], **agreement(candidate, reference)}
+
+
+def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, atol: float = 1e-3,
+                   photos: Optional[Sequence[Path]] = None) -> dict:
     """Write `path`, check it with onnxruntime, write `<path>.json`; returns that report.
-    Raises ExportError (the caller's checkpoints are untouched) if export or the check fails."""
+
+    `photos` (default: the shipped samples) measure the export's fidelity in depth terms.
+    Raises ExportError (the caller's checkpoints are untouched, nothing is left at `path`) if
+    the export or a check fails."""
     import onnxruntime as ort
 
     path = Path(path)
     tmp = path.with_name(f".tmp_{path.name}")  # renamed into place only once checked
     student = student.float().eval().cpu()
+    multiple = input_multiple(student.encoder)
+    any_size = size % multiple == 0
+    checked = sizes_to_check(size, multiple if any_size else None)
     try:
-        _export(student, tmp, size, opset, dynamic_hw)
+        _export(student, tmp, size, opset, any_size)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        # Batch 2 at the export size proves the dynamic batch axis; tolerance covers fp32 kernels.
-        max_diff = _max_abs_diff(session, student, (2, 3, size, size))
-        if not max_diff <= atol:  # also catches NaN
-            raise ExportError(f"ONNX output differs from PyTorch by {max_diff:.3g} (> export.atol={atol})")
-        other = (1, 3, size + 64, size - 32 if size > 32 else size + 32)
-        try:
-            other_ok = _max_abs_diff(session, student, other) <= atol
-        except Exception:  # onnxruntime refuses the shape: the file is fixed-size
-            other_ok = False
+        # Batch 2 proves the dynamic batch axis; the tolerance covers fp32 kernel differences.
+        differences = [_max_abs_diff(session, student, (2, 3, height, width)) for height, width in checked]
+        failed = [(hw, difference) for hw, difference in zip(checked, differences) if not difference <= atol]
+        if failed:  # `not <=` also catches NaN
+            (height, width), difference = failed[0]
+            raise ExportError(f"ONNX output differs from PyTorch by {difference:.3g} at {height}x{width} "
+                              f"(> export.atol={atol})")
+        max_diff = max(differences)
+        fidelity = photo_fidelity(session, student, sample_photos() if photos is None else photos, size)
+        accepted = (f"any H and W that are multiples of {multiple}" if any_size else f"{size}x{size} only "
+                    f"(export at a multiple of {multiple} for a file that takes any size)")
         report = {
             "onnx": path.name, "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "input_layout": "NCHW float32, RGB, ImageNet-normalised",
             "output_meaning": "relative inverse depth (disparity), >= 0, up to scale and shift",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "export_size": [size, size],
-            "dynamic_batch": True, "dynamic_hw": other_ok,
-            "accepted_sizes": "any H, W multiple of 32" if other_ok else f"{size}x{size} only",
-            "max_abs_diff_vs_pytorch": max_diff,
+            "dynamic_batch": True, "dynamic_hw": any_size, "size_multiple": multiple if any_size else None,
+            "accepted_sizes": accepted, "checked_sizes": [list(hw) for hw in checked],
+            "max_abs_diff_vs_pytorch": max_diff, "fidelity": fidelity,
         }
         _add_metadata(tmp, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in report.items()})
         os.replace(tmp, path)
@@ -142,10 +170,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--size", type=int,
                         help="export height = width, a multiple of 32; default: the size the student was trained at")
     parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--dynamic-hw", action="store_true", help="dynamo exporter, any input size (slow)")
+    # Kept so that scripts written for the dynamo exporter still run: any size is now the default.
+    parser.add_argument("--dynamic-hw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--atol", type=float, default=1e-3)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file and its .json")
     args = parser.parse_args(argv)
+    if args.dynamic_hw:
+        print("note: --dynamic-hw is no longer needed: the export takes any multiple of 64 by default",
+              file=sys.stderr)
     if args.size is not None and (args.size <= 0 or args.size % 32):
         print(f"error: --size {args.size} must be a positive multiple of 32, e.g. 256", file=sys.stderr)
         return 1
@@ -171,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"pass --size", file=sys.stderr)
         return 1
     try:
-        report = export_student(student, output, size, args.opset, args.dynamic_hw, args.atol)
+        report = export_student(student, output, size, args.opset, args.atol)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

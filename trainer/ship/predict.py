@@ -12,8 +12,10 @@ photo's own size. Written per photo into the `--output` folder (created if missi
   near / far, next to each other (scaled down to at most 1024 pixels high).
 
 The size defaults to the model's own: the `input_size` a checkpoint recorded at training (256 for
-folders saved before it was recorded), or a fixed-size ONNX file's input. `--size` applies to
-checkpoints and dynamic-size ONNX files; a fixed-size file refuses any other size.
+folders saved before it was recorded), a fixed-size ONNX file's input, or the size an any-size ONNX
+file was exported at (the student's training size). `--size` applies to checkpoints and any-size
+ONNX files (a multiple of 64 for MobileViT students, as the file records); a fixed-size file
+refuses any other size.
 
 Existing files are never replaced without `--overwrite`: every target is checked before any model
 is loaded. Unreadable photos are skipped with one warning each and counted in the summary.
@@ -24,6 +26,7 @@ loaded or run, files in the way, or no photo that could be read; also 1 for argu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -69,8 +72,14 @@ def _check_size(size: int) -> None:
     check_multiple("size", size, STUDENT_MULTIPLE)
 
 
-def _onnx_input(onnx_path: Path) -> tuple[Optional[int], str]:
-    """(fixed square side or None if H, W are dynamic, the sizes the file accepts in words)."""
+class OnnxInput(NamedTuple):
+    fixed: Optional[int]  # the square side of a fixed-size file; None if H, W are dynamic
+    multiple: Optional[int]  # for a dynamic file exported here: the sides must be multiples of it
+    accepted: str  # the sizes it accepts, in words
+    exported_at: Optional[int] = None  # for a dynamic file exported here: the size it was exported at
+
+
+def _onnx_input(onnx_path: Path) -> OnnxInput:
     import onnx
 
     if not onnx_path.is_file():
@@ -83,18 +92,25 @@ def _onnx_input(onnx_path: Path) -> tuple[Optional[int], str]:
     except Exception as error:  # protobuf's DecodeError, an empty graph, ...
         raise ValueError(f"{onnx_path} is not an ONNX model ({first_line(error)})") from None
     # trainer.ship.export records what the file was found to accept; files from elsewhere may not.
-    recorded = {prop.key: prop.value for prop in model.metadata_props}.get("accepted_sizes")
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    recorded = metadata.get("accepted_sizes")
     # dim_value is set (> 0) for a fixed axis; a dynamic one has a dim_param name instead.
     if not (height and width):
-        return None, recorded or "H and W of its own choosing (the file records none)"
+        multiple = metadata.get("size_multiple", "null")
+        try:  # the student's training size, which export_student exports at
+            exported_at = int(json.loads(metadata["export_size"])[0])
+        except (KeyError, ValueError, TypeError, IndexError):
+            exported_at = None
+        return OnnxInput(None, int(multiple) if multiple.isdigit() else None,
+                         recorded or "H and W of its own choosing (the file records none)", exported_at)
     if height != width:
         raise ValueError(f"{onnx_path} takes {height}x{width} inputs; predict needs a square size")
-    return height, recorded or f"{height}x{width} only"
+    return OnnxInput(height, None, recorded or f"{height}x{width} only")
 
 
 def onnx_input_size(onnx_path: str | Path, size: int) -> int:
     """The square input side `onnx_path` accepts: its fixed H = W, or `size` if H, W are dynamic."""
-    fixed, _ = _onnx_input(Path(onnx_path))
+    fixed = _onnx_input(Path(onnx_path)).fixed
     return size if fixed is None else fixed
 
 
@@ -148,12 +164,16 @@ def _load_checkpoint(folder: Path, size: Optional[int]) -> LoadedModel:
 def _load_onnx(onnx_path: Path, size: Optional[int]) -> LoadedModel:
     import onnxruntime as ort
 
-    fixed, accepted = _onnx_input(onnx_path)
+    fixed, multiple, accepted, exported_at = _onnx_input(onnx_path)
     if fixed is not None and size is not None and size != fixed:
         raise ValueError(f"{onnx_path} accepts {fixed}x{fixed} inputs only, not {size}x{size}; "
                          f"leave out --size or pass --size {fixed}")
-    size = fixed or size or DEFAULT_SIZE
+    size = fixed or size or exported_at or DEFAULT_SIZE
     _check_size(size)
+    if multiple and size % multiple:
+        near = max(multiple, round(size / multiple) * multiple)
+        raise ValueError(f"{onnx_path} accepts sizes that are multiples of {multiple} only, not {size}; "
+                         f"pass e.g. --size {near}")
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's exception types derive from Exception only

@@ -42,11 +42,11 @@ from typing import Optional
 
 import torch
 
-from data import list_images, load_rgb
+from data import list_images
 from trainer.console import ArgumentParser, output_path_problem
 from trainer.errors import first_line
-from trainer.evaluate.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
-from trainer.ship.predict import load_predictor, onnx_input_size, preprocess
+from trainer.ship.fidelity import agreement, photo_batch
+from trainer.ship.predict import load_predictor, onnx_input_size
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +57,6 @@ QUANTIZED_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 
 class QuantizeError(RuntimeError):
     """The int8 file could not be written or does not run; the fp32 file is untouched."""
-
-
-def _calibration_batch(calibration_images: Sequence[str | Path], size: int) -> torch.Tensor:
-    """(N, 3, size, size) of the readable images, preprocessed like `trainer.ship.predict`."""
-    views = []
-    for path in calibration_images:
-        try:
-            views.append(preprocess(load_rgb(path), size))
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            logger.warning("skipping unreadable image %s (%s)", path, first_line(error))
-    if not views:
-        raise QuantizeError("none of the calibration images could be read")
-    return torch.stack(views)
 
 
 def _quantize(source: Path, target: Path, mode: str, images: torch.Tensor) -> None:
@@ -114,15 +101,7 @@ def _compare(fp32_path: Path, int8_path: Path, images: torch.Tensor, size: int, 
     fp32, int8 = load_predictor(fp32_path, size), load_predictor(int8_path, size)
     reference = torch.cat([fp32(batch) for batch in images.split(batch_size)])  # (N, 1, S, S)
     quantized = torch.cat([int8(batch) for batch in images.split(batch_size)])
-    difference = (quantized - reference).abs()
-    # The student's output only matters up to scale and shift, so also score it the way evaluation
-    # does: int8 depth vs fp32 depth after the per-image scale-and-shift fit.
-    aligned = depth_metrics(disparity_to_depth(quantized), disparity_to_depth(reference),
-                            depth_valid_mask_from_disparity(reference), align="scale_shift")
-    return {"num_images": len(images), "max_abs_diff": difference.max().item(),
-            "mean_abs_diff": difference.mean().item(), "mean_abs_fp32": reference.abs().mean().item(),
-            "aligned_abs_rel": aligned["abs_rel"].nanmean().item(),
-            "aligned_delta1": aligned["delta1"].nanmean().item()}
+    return agreement(quantized, reference)
 
 
 def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str,
@@ -144,7 +123,10 @@ def quantize_student(onnx_path: str | Path, output_path: str | Path, mode: str,
         size = onnx_input_size(onnx_path, size)
     except (OSError, ValueError) as error:
         raise QuantizeError(str(error)) from None
-    images = _calibration_batch(calibration_images, size)  # (N, 3, S, S)
+    try:
+        images = photo_batch(calibration_images, size)  # (N, 3, S, S)
+    except ValueError as error:
+        raise QuantizeError(f"calibration: {error}") from None
 
     # Everything is written in a scratch folder and moved into place only once it has been checked.
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
@@ -169,7 +151,8 @@ def format_report(report: dict) -> str:
              f"{'mean|fp32|':>10} | {'abs_rel*':>8} | {'delta1*':>8}"
     values = (f"{report['mode']:>8} | {report['fp32_bytes'] / 1e6:8.3f} | {report['int8_bytes'] / 1e6:8.3f} | "
               f"{report['compression']:5.2f}x | {report['max_abs_diff']:8.2e} | {report['mean_abs_diff']:8.2e} | "
-              f"{report['mean_abs_fp32']:10.2e} | {report['aligned_abs_rel']:8.2e} | {report['aligned_delta1']:8.4f}")
+              f"{report['mean_abs_reference']:10.2e} | {report['aligned_abs_rel']:8.2e} | "
+              f"{report['aligned_delta1']:8.4f}")
     return (f"int8 vs fp32 disparity on {report['num_images']} images at {report['size']}x{report['size']} "
             f"(* depth after scale-and-shift fit)\n{header}\n{values}")
 
