@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import DepthAnythingForDepthEstimation
 
-from modeling import DepthAnythingTeacher
+from modeling import DepthAnythingTeacher, StudentDepthModel
 from modeling.teacher import small_config
 from trainer.config import Config, load_config
 
@@ -38,6 +38,22 @@ def bench_config(teacher_size: int, student_size: int, batch_size: int, workers:
         f"data.student_size={student_size}", f"data.num_workers={workers}", f"train.batch_size={batch_size}",
         f"eval.batch_size={batch_size}", f"teacher.name={'tiny' if tiny else 'small'}",
         "student.pretrained=false", "train.mixed_precision='no'", *overrides])
+
+
+# The students the benchmarks compare, by the names RESULTS.md uses: `lean` is the default student
+# (trainer/config.py's StudentConfig: MobileViT-XS + the lean decoder), `dpt64` the first student
+# (MobileViT-XS + MiniDPT), `lean_mnv4s` the lean decoder on timm's MobileNetV4-Conv-Small, a
+# cheaper encoder (`student.backbone=mobilenetv4_conv_small`).
+STUDENT_PRESETS = {"lean": {"decoder": "lean"}, "dpt64": {"decoder": "dpt", "decoder_width": 64, "head_width": 32},
+                   "lean_mnv4s": {"backbone": "mobilenetv4_conv_small", "decoder": "lean"}}
+DEFAULT_PRESET = "lean"
+
+
+def build_student_preset(name: str, seed: int = 0) -> StudentDepthModel:
+    """The student of preset `name`, random weights from `seed`, eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return StudentDepthModel(**STUDENT_PRESETS[name]).eval()
 
 
 def build_teacher(tiny: bool) -> DepthAnythingTeacher:
@@ -60,6 +76,32 @@ class Cycled(Dataset):
 
     def __getitem__(self, index: int):
         return self.dataset[index % len(self.dataset)]
+
+
+def trainer_step(cfg: Config, accelerator, teacher: DepthAnythingTeacher, steps: int,
+                 student: Optional[StudentDepthModel] = None):
+    """The trainer's own `DistillationStep` for `cfg` (student: `build_student(cfg)` seeded with
+    cfg.seed unless given), its batches for `steps` steps on the trainer's own dataset and loader,
+    prepared as the trainer prepares them, and the dataset's class name."""
+    from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student
+    from trainer.train.inputs import Targets, build_datasets, build_loaders, select_photos
+    from trainer.train.loop import DistillationStep, Progress
+
+    if student is None:
+        torch.manual_seed(cfg.seed)  # every variant starts from the same student
+        student = build_student(cfg)
+    targets = Targets.of(cfg)
+    module = build_module(cfg, student, teacher, with_features=targets.runs_teacher).to(accelerator.device).train()
+    optimizer = build_optimizer(cfg, module)
+    progress = Progress()
+    progress.plan(cfg, cfg.train.batch_size, steps_per_epoch=steps)
+    scheduler = build_scheduler(cfg, optimizer, progress.schedule_position)
+    photos = select_photos(cfg)
+    train, _, _ = build_datasets(cfg, teacher, targets, photos.train, photos.val)
+    loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, steps * cfg.train.batch_size), None, None)
+    step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
+                            photos_per_step=cfg.train.batch_size)
+    return step, iter(accelerator.prepare(loader)), type(train.dataset).__name__
 
 
 def synchronize(device: torch.device) -> None:

@@ -3,9 +3,10 @@
     python -m bench.train_step [--teacher-size 518] [--student-size 256] [--batch-size 2] [--steps 4]
         [--device cpu|cuda] [--variants live,cached,...] [--json bench/results/train_step.json]
 
-Depth-Anything-V2-Small (built from its config, random weights) teaches MobileViT-XS + MiniDPT at
-the real preset's widths, loss, optimizer and augmentation (trainer/configs/dav2_small_mobilevit_xs.yaml)
-on the sample photos. What is timed is the trainer's own step, `trainer.train.loop.DistillationStep`
+Depth-Anything-V2-Small (built from its config, random weights) teaches MobileViT-XS + the real
+preset's decoder (lean) with its loss, optimizer and augmentation
+(trainer/configs/dav2_small_mobilevit_xs.yaml) on the sample photos. What is timed is the
+trainer's own step, `trainer.train.loop.DistillationStep`
 (`forward_backward` then `optimizer_step`), in four phases: data loading (the wait for the next batch
 and its copy to the device), teacher forward (hooks on the teacher), student forward + loss +
 backward (the rest of `forward_backward`), optimizer (`optimizer_step`: the agreed all-reduce,
@@ -40,15 +41,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from bench.common import (Cycled, HostSyncCounter, PeakRss, bench_config, build_teacher, current_rss,
-                          format_table, machine, synchronize, write_json)
+from bench.common import (HostSyncCounter, PeakRss, bench_config, build_teacher, current_rss, format_table,
+                          machine, synchronize, trainer_step, write_json)
 from modeling import DepthAnythingTeacher
 from modeling.summary import count as count_parameters
 from trainer.train.cache_teacher import build_cache
 from trainer.config import Config
-from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student
-from trainer.train.inputs import Targets, build_datasets, build_loaders, select_photos
-from trainer.train.loop import DistillationStep, Progress
+from trainer.train.distill import build_student
+from trainer.train.loop import DistillationStep
 
 PHASES = ("data_loading", "teacher_forward", "student_forward_backward", "optimizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,6 +87,7 @@ class Runner:
     seconds: dict[str, list[float]] = field(default_factory=lambda: {phase: [] for phase in PHASES})
     peak_bytes: int = 0
     host_syncs_per_step: int = -1
+    warmup_s: float = 0.0  # the untimed first steps; with torch.compile, mostly compilation
 
 
 def half_precision(teacher: DepthAnythingTeacher, dtype: torch.dtype) -> DepthAnythingTeacher:
@@ -135,20 +136,8 @@ def build_runner(variant: Variant, args: argparse.Namespace, accelerator: Accele
         student.to(memory_format=torch.channels_last)
     if variant.compile:
         student.compile()
-    targets = Targets.of(cfg)
-    module = build_module(cfg, student, teacher, with_features=targets.runs_teacher).to(accelerator.device).train()
-    optimizer = build_optimizer(cfg, module)
-    progress = Progress()
-    scheduler = build_scheduler(cfg, optimizer, progress.schedule_position)
-    # The trainer's own dataset (photos + TrainTransform, or with a cache CachedTeacherDataset) and loader,
-    # prepared as the trainer prepares it (batches arrive on the device).
-    photos = select_photos(cfg)
-    train, _, _ = build_datasets(cfg, teacher, targets, photos.train, photos.val)
-    length = (args.warmup + args.steps + 1) * args.batch_size
-    loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, length), None, None)
-    step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
-                            photos_per_step=args.batch_size)
-    return Runner(variant, step, iter(accelerator.prepare(loader)), type(train.dataset).__name__)
+    step, batches, dataset = trainer_step(cfg, accelerator, teacher, args.warmup + args.steps + 1, student)
+    return Runner(variant, step, batches, dataset)
 
 
 class PhaseClock:
@@ -217,6 +206,7 @@ def variant_figures(runner: Runner, batch_size: int) -> dict:
                         "total": 1e3 * float(total.mean())},
         "peak_memory_mb": runner.peak_bytes / 2**20,
         "host_syncs_per_step": runner.host_syncs_per_step,
+        "warmup_s": runner.warmup_s,
         "loss_weights": dict(runner.step.accelerator.unwrap_model(runner.step.module).criterion.weights),
         "dataset": runner.dataset,
         "timed_steps": len(total),
@@ -238,7 +228,9 @@ def measure(runners: dict[str, Runner], args: argparse.Namespace, device: torch.
                 phases = run_step(runner, clocks[name], device)
                 peak = rss.take() if rss is not None else torch.cuda.max_memory_allocated(device)
                 runner.peak_bytes = max(runner.peak_bytes, peak)
-                if step >= args.warmup:
+                if step < args.warmup:
+                    runner.warmup_s += sum(phases.values())
+                else:
                     for phase, seconds in phases.items():
                         runner.seconds[phase].append(seconds)
     finally:
@@ -280,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                      "dataloader_workers": args.workers, "torch_threads": args.threads,
                      "teacher": "tiny test teacher" if args.tiny else "Depth-Anything-V2-Small (random weights)",
                      "teacher_parameters": count_parameters(teacher),
-                     "student": "mobilevit_xs + MiniDPT (preset widths, random weights)",
+                     "student": "mobilevit_xs + the preset's decoder (random weights)",
                      "student_parameters": count_parameters(student),
                      "memory": ("peak torch.cuda.max_memory_allocated during the variant's steps"
                                 if device.type == "cuda"

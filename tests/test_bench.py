@@ -4,7 +4,7 @@ only that every figure is there, positive and finite."""
 import json
 import math
 
-from bench import dataloader, inference, train_step
+from bench import dataloader, fidelity, gpu_check, inference, train_step
 
 TINY_SIZES = ["--teacher-size", "42", "--student-size", "64"]
 
@@ -44,19 +44,58 @@ def test_the_host_sync_counter_counts_reads_by_project_code():
     assert torch.Tensor.item.__name__ == "item"  # the methods are restored
 
 
-def test_inference_compares_teacher_student_and_int8(tmp_path):
+def test_inference_compares_the_presets_with_the_teacher_in_onnxruntime(tmp_path):
     path = tmp_path / "inference.json"
     inference.main(["--tiny", "--teacher-size", "42", "--student-size", "64", "--threads", "1", "--rounds", "2",
-                    "--student-runs", "1", "--warmup", "1", "--quant-modes", "dynamic", "--json", str(path)])
+                    "--runs", "1", "--warmup", "1", "--quant-modes", "dynamic", "--presets", "lean,dpt64",
+                    "--json", str(path)])
     figures = json.loads(path.read_text())
-    assert _positive(figures["student_speedup_vs_teacher"])
-    assert set(figures["latency"]) == {"teacher_pytorch_fp32", "student_onnx_fp32", "student_onnx_int8_dynamic"}
+    models = {"teacher_onnx_42", "teacher_onnx_56", "teacher_pytorch_42", "student_lean_onnx_fp32",
+              "student_lean_onnx_int8_dynamic", "student_dpt64_onnx_fp32", "student_dpt64_onnx_int8_dynamic",
+              "student_encoder_only_onnx_fp32"}
+    assert set(figures["latency"]) == set(figures["gflops"]) == set(figures["params"]) == models
     for stats in figures["latency"].values():
         assert stats["runs"] == 2 and 0 < stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
-    int8 = figures["int8"]["dynamic"]
-    assert _positive(int8["speedup_vs_fp32_student"]) and int8["num_images"] == 8
-    assert 0 <= int8["aligned_abs_rel"] < 1 and 0 < int8["aligned_delta1"] <= 1
+    median = {name: stats["median_ms"] for name, stats in figures["latency"].items()}
+    # The keys scripts read, each the ratio it names (56: the student's 64 rounded down to 14).
+    assert figures["student_speedup_vs_teacher"] == median["teacher_onnx_42"] / median["student_lean_onnx_fp32"]
+    assert figures["student_speedup_vs_teacher_same_size"] == (median["teacher_onnx_56"]
+                                                               / median["student_lean_onnx_fp32"])
+    assert figures["student_speedup_vs_presets"]["dpt64"] == (median["student_dpt64_onnx_fp32"]
+                                                              / median["student_lean_onnx_fp32"])
+    assert figures["gflops"]["student_lean_onnx_fp32"] < figures["gflops"]["student_dpt64_onnx_fp32"]
+    assert figures["params"]["teacher_onnx_42"] == figures["params"]["teacher_pytorch_42"]
+    int8 = figures["int8"]["lean_dynamic"]
+    assert int8["num_images"] == 8 and 0 <= int8["aligned_abs_rel"] < 1 and 0 < int8["aligned_delta1"] <= 1
+    assert figures["export"]["lean"]["accepted_sizes"] == "any H and W that are multiples of 64"
+    bound = figures["encoder_only_bound"]
+    assert bound["share_of_default_student"] == (median["student_encoder_only_onnx_fp32"]
+                                                 / median["student_lean_onnx_fp32"])
     assert figures["settings"]["torch_threads"] == figures["settings"]["ort_intra_op_threads"] == 1
+
+
+def test_fidelity_distils_each_preset_and_scores_it_against_the_teacher(tmp_path):
+    path = tmp_path / "fidelity.json"
+    fidelity.main(["--steps", "2", "--batch-size", "2", "--teacher-size", "56", "--student-size", "64",
+                   "--threads", "1", "--presets", "lean,dpt64", "--json", str(path)])
+    figures = json.loads(path.read_text())
+    assert set(figures["presets"]) == {"lean", "dpt64"}
+    for result in figures["presets"].values():
+        # The seeded split of the 8 sample photos: 2 held out, 6 trained on.
+        assert (result["held_out"]["num_images"], result["training_photos"]["num_images"]) == (2, 6)
+        for scored in (result["held_out"], result["training_photos"]):
+            assert 0 <= scored["aligned_abs_rel"] < 1 and 0 < scored["aligned_delta1"] <= 1
+            assert scored["gradient_error"] > 0
+            # A flat map has no edges at all: its gradient error is exactly 1.
+            assert scored["constant_baseline"]["gradient_error"] == 1.0
+
+
+def test_the_gradient_error_is_zero_for_the_same_map_up_to_scale_and_shift():
+    import torch
+
+    teacher = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert fidelity.gradient_error(3 * teacher + 1, teacher).abs().max() < 1e-5
+    assert (fidelity.gradient_error(torch.rand(2, 1, 16, 16), teacher) > 0.5).all()
 
 
 def test_dataloader_compares_with_the_step(tmp_path):
@@ -72,3 +111,35 @@ def test_dataloader_compares_with_the_step(tmp_path):
     # Only the live step reads this pipeline; the cached one has its own dataset.
     assert set(figures["pipeline_vs_step_by_variant"]) == {"live"}
     assert math.isclose(figures["pipeline_vs_step"], figures["images_per_s"] / 2.0)
+
+
+def test_gpu_check_in_tiny_mode_writes_every_section(tmp_path):
+    import torch
+
+    figures = gpu_check.main(["--out", str(tmp_path), "--tiny", "--budget-s", "1500"])
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(figures))
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    for number, title in enumerate(["Environment", "Teacher", "The trainer's distillation step",
+                                    "Data pipeline against the step", "SIGKILL mid-epoch, then resume"], 1):
+        assert f"## {number}. {title}" in markdown
+    assert figures["environment"]["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        assert figures["environment"]["gpu"] == "skipped: no CUDA"
+        assert figures["teacher"]["ways"]["bf16_weights"] == {"status": "skipped: no CUDA"}
+        assert figures["step_compile"]["status"] == "skipped: no CUDA"
+        assert "skipped: no CUDA" in markdown
+    assert _positive(figures["teacher"]["ways"]["fp32"]["photos_per_s"])
+    assert set(figures["step"]["variants"]) == {"live", "cached"}
+    assert figures["step"]["variants"]["live"]["host_syncs_per_step"] == 1
+    assert _positive(figures["data_pipeline"]["pipeline_vs_step"])
+    resume = figures["resume"]
+    assert resume["exit_codes"]["killed"] != 0 and resume["exit_codes"]["resumed"] == 0
+    assert resume["bit_identical"] and resume["max_abs_diff"] == 0.0  # on the CPU, as the resume tests show
+
+
+def test_gpu_check_stops_a_part_that_overruns_its_budget(tmp_path):
+    result = gpu_check.run_part("resume", tmp_path, budget_s=3, tiny=True)
+    assert result == {"status": "stopped: over its budget of 3 s", "seconds": 3}
+    assert gpu_check.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_check.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.bf16_peak_tflops("Some future GPU") is None
