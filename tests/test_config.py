@@ -172,3 +172,17 @@ def test_cli_rejects_empty_train_dir(cli, tmp_path):
     code, err = cli(f"data.train_dir={empty}")
     assert code == 1
     assert "no images" in _one_error_line(err)
+
+
+def test_a_run_saved_before_decoders_had_names_resumes_as_minidpt(tmp_path):
+    from trainer.config import resume_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(DEMO.read_text().replace("  decoder: lean", "  decoder_width: 32\n  head_width: 16"))
+    assert "decoder:" not in saved.read_text()
+    cfg, changes, _ = resume_config(saved, ["train.epochs=9"])
+    assert (cfg.student.decoder, cfg.student.decoder_width, cfg.student.head_width) == ("dpt", 32, 16)
+    assert changes == ["train.epochs: 8 -> 9"]  # the implied decoder is not a change the user made
+    current = tmp_path / "current.yaml"
+    current.write_text(DEMO.read_text())
+    assert resume_config(current, [])[0].student.decoder == "lean"

@@ -258,8 +258,9 @@ def resume_config(saved: Path, overrides: list[str],
     keys in which `given`, the --config file re-read now, differs from the saved run and is ignored)."""
     if not Path(saved).is_file():
         raise ConfigError(f"--resume: the run's configuration {saved} is missing; cannot resume")
-    before = flat_hparams(load_config(saved))
-    config = load_config(saved, overrides)
+    implied = _implied_by_older_versions(saved)
+    before = flat_hparams(load_config(saved, implied))
+    config = load_config(saved, [*implied, *overrides])
     after = flat_hparams(config)
     changed = [key for key in after if after[key] != before.get(key)]
     refused = [key for key in changed if not _resumable(key)]
@@ -276,6 +277,16 @@ def resume_config(saved: Path, overrides: list[str],
         ignored = [key for key in now if now[key] != before.get(key) and key not in overridden
                    and key not in ("run_name", "output_dir")]
     return config, changes, ignored
+
+
+def _implied_by_older_versions(saved: Path) -> list[str]:
+    """Overrides that keep a run saved by an older version training what it trained: runs saved
+    before decoders had names (no student.decoder) were all MiniDPT, today's `dpt`."""
+    try:
+        student = (yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {}).get("student") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []  # load_config reports what is wrong with the file
+    return [] if "decoder" in student else ["student.decoder=dpt"]
 
 
 def _check(condition: bool, key: str, message: str) -> None:
