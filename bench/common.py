@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from transformers import DepthAnythingForDepthEstimation
 
 from modeling import DepthAnythingTeacher, StudentDepthModel
-from modeling.teacher import small_config
+from modeling.teacher import init_random, small_config
 from trainer.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +61,10 @@ def build_teacher(tiny: bool) -> DepthAnythingTeacher:
     if tiny:
         return DepthAnythingTeacher.tiny()
     with torch.random.fork_rng(devices=[]):
+        model = DepthAnythingForDepthEstimation(small_config())
         torch.manual_seed(0)
-        return DepthAnythingTeacher(DepthAnythingForDepthEstimation(small_config()))
+        init_random(model)  # a positive, varying map, as the tiny teacher gives
+        return DepthAnythingTeacher(model)
 
 
 class Cycled(Dataset):

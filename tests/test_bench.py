@@ -143,3 +143,14 @@ def test_gpu_check_stops_a_part_that_overruns_its_budget(tmp_path):
     assert gpu_check.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_check.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.bf16_peak_tflops("Some future GPU") is None
+
+
+def test_the_benchmarks_v2_small_teacher_gives_a_positive_varying_map():
+    """Under transformers' own init the random V2-Small predicted 0 to 1.5e-4 with a third of the
+    pixels 0: nothing for bf16-vs-fp32 depth metrics or a distillation run to work with."""
+    import torch
+
+    from bench.common import build_teacher
+
+    disparity = build_teacher(False)(torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))).disparity
+    assert disparity.min() > 0.01 and disparity.std() / disparity.mean() > 0.01
