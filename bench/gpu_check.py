@@ -45,8 +45,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("environment", "teacher", "step", "step_compile", "data_pipeline", "resume")
-# Shares of --budget-s. torch.compile gets a part of its own, so that a compilation that overruns
-# loses only its own figures; the resume part launches three runs.
+# Shares of --budget-s, handed out as the parts run: each gets its share of the time still left,
+# so what one part does not use goes to the later ones. torch.compile gets a part of its own, so
+# that a compilation that overruns loses only its own figures; the resume part launches three runs.
 BUDGET_SHARES = {"environment": 0.04, "teacher": 0.14, "step": 0.22, "step_compile": 0.20, "data_pipeline": 0.12,
                  "resume": 0.28}
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
@@ -287,13 +288,14 @@ def run_part(name: str, out: Path, budget_s: float, tiny: bool) -> dict:
 def check(out: Path, budget_s: float, tiny: bool) -> dict:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     started, report = time.perf_counter(), {}
-    for name in PARTS:
+    for index, name in enumerate(PARTS):
         left = budget_s - (time.perf_counter() - started)
-        share = BUDGET_SHARES[name] * budget_s
         if left < 5:
             report[name] = {"status": "skipped: the total budget was spent"}
-        else:
-            report[name] = run_part(name, out, min(share, left), tiny)
+            continue
+        # Its share of what is left, so that time a part did not need goes to the parts after it.
+        share = BUDGET_SHARES[name] / sum(BUDGET_SHARES[later] for later in PARTS[index:])
+        report[name] = run_part(name, out, left * share, tiny)
         print(f"{name}: {report[name].get('status', 'done')} ({report[name].get('seconds', 0):.0f} s)", flush=True)
     figures = {"benchmark": "gpu_check", "tiny": tiny, "budget_s": budget_s,
                "wall_s": time.perf_counter() - started, **report}

@@ -4,6 +4,8 @@ only that every figure is there, positive and finite."""
 import json
 import math
 
+import pytest
+
 from bench import dataloader, fidelity, gpu_check, inference, train_step
 
 TINY_SIZES = ["--teacher-size", "42", "--student-size", "64"]
@@ -140,6 +142,25 @@ def test_gpu_check_in_tiny_mode_writes_every_section(tmp_path):
 def test_gpu_check_stops_a_part_that_overruns_its_budget(tmp_path):
     result = gpu_check.run_part("resume", tmp_path, budget_s=3, tiny=True)
     assert result == {"status": "stopped: over its budget of 3 s", "seconds": 3}
+
+
+def test_gpu_check_hands_time_a_part_did_not_use_to_the_later_ones(tmp_path, monkeypatch):
+    budgets = {}
+
+    def fake_part(name, out, budget_s, tiny):
+        budgets[name] = budget_s
+        return {"seconds": 0.0}
+
+    monkeypatch.setattr(gpu_check, "run_part", fake_part)
+    monkeypatch.setattr(gpu_check, "format_markdown", lambda figures: "")
+    gpu_check.check(tmp_path, 1000.0, tiny=True)
+    # Parts that take no time leave the whole budget to the next: each gets its share of what is left.
+    assert budgets["environment"] == pytest.approx(1000 * gpu_check.BUDGET_SHARES["environment"], rel=1e-3)
+    assert budgets["resume"] == pytest.approx(1000.0, rel=1e-3)
+    assert budgets["data_pipeline"] == pytest.approx(1000 * 0.12 / 0.40, rel=1e-3)
+
+
+def test_gpu_check_knows_the_bf16_peaks():
     assert gpu_check.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_check.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.bf16_peak_tflops("Some future GPU") is None
