@@ -26,13 +26,14 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from bench.common import (DEFAULT_PRESET, STUDENT_PRESETS, bench_config, format_table, machine, trainer_step,
-                          write_json)
+from bench.common import (DEFAULT_PRESET, STUDENT_PRESETS, bench_config, format_table, machine,
+                          trainer_step, write_json)
 from data import EvalTransform, UnlabeledImageDataset
 from losses.depth import normalize_disparity
 from modeling import DepthAnythingTeacher
 from modeling.summary import count
-from trainer.evaluate.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
+from trainer.console import comma_choices
+from trainer.ship.fidelity import agreement
 from trainer.train.inputs import select_photos
 
 SCORES = ("aligned_abs_rel", "aligned_delta1", "gradient_error")
@@ -48,10 +49,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
-    args.presets = [name for name in args.presets.split(",") if name]
-    unknown = [name for name in args.presets if name not in STUDENT_PRESETS]
-    if unknown:
-        parser.error(f"unknown --presets {unknown}; choose from {', '.join(STUDENT_PRESETS)}")
+    args.presets = comma_choices(parser, "--presets", args.presets, STUDENT_PRESETS)
     return args
 
 
@@ -73,10 +71,9 @@ def gradient_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 
 def scores(student_disparity: torch.Tensor, teacher_disparity: torch.Tensor) -> dict[str, float]:
-    aligned = depth_metrics(disparity_to_depth(student_disparity), disparity_to_depth(teacher_disparity),
-                            depth_valid_mask_from_disparity(teacher_disparity), align="scale_shift")
-    return {"aligned_abs_rel": aligned["abs_rel"].nanmean().item(),
-            "aligned_delta1": aligned["delta1"].nanmean().item(),
+    # The aligned depth metrics are the ones an export's fidelity is reported in.
+    aligned = agreement(student_disparity, teacher_disparity)
+    return {"aligned_abs_rel": aligned["aligned_abs_rel"], "aligned_delta1": aligned["aligned_delta1"],
             "gradient_error": gradient_error(student_disparity, teacher_disparity).mean().item()}
 
 

@@ -42,6 +42,7 @@ from bench.common import (DEFAULT_PRESET, SAMPLES, STUDENT_PRESETS, build_studen
 from data import EvalTransform, list_images, load_rgb
 from modeling.summary import count, gflops, same_size_as_teacher
 from modeling.traceable import traceable_any_size
+from trainer.console import comma_choices
 from trainer.ship.export import export_student
 from trainer.ship.quantize import MODES, quantize_student
 
@@ -64,13 +65,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="the tiny test teacher instead of V2-Small")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
-    args.presets = [name for name in args.presets.split(",") if name]
-    args.quant_modes = [mode for mode in args.quant_modes.split(",") if mode]
-    for flag, values, choices in (("--presets", args.presets, STUDENT_PRESETS),
-                                  ("--quant-modes", args.quant_modes, MODES)):
-        unknown = [value for value in values if value not in choices]
-        if unknown:
-            parser.error(f"unknown {flag} {unknown}; choose from {', '.join(choices)}")
+    args.presets = comma_choices(parser, "--presets", args.presets, STUDENT_PRESETS)
+    args.quant_modes = comma_choices(parser, "--quant-modes", args.quant_modes, MODES)
     if DEFAULT_PRESET not in args.presets:
         parser.error(f"--presets must include the default student, {DEFAULT_PRESET}")
     return args
@@ -85,17 +81,6 @@ class DepthOnly(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.teacher(pixel_values=pixel_values).predicted_depth
-
-
-class EncoderOnly(nn.Module):
-    """A student's encoder alone, its four stages as outputs: the floor under any decoder."""
-
-    def __init__(self, student: nn.Module):
-        super().__init__()
-        self.encoder = student.encoder
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.encoder(images)
 
 
 def export_plain(model: nn.Module, path: Path, size: int) -> None:
@@ -181,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 gflop_counts[name], params[name] = gflops(student, views[args.student_size]), count(student)
                 megabytes[name] = path.stat().st_size / 1e6
             if preset == DEFAULT_PRESET:
-                name, encoder = "student_encoder_only_onnx_fp32", EncoderOnly(student).eval()
+                name, encoder = ENCODER, student.encoder  # its four stages are the graph's outputs
                 export_plain(encoder, Path(folder) / f"{name}.onnx", args.student_size)
                 runners[name] = onnx_runner(Path(folder) / f"{name}.onnx", views[args.student_size], args.threads)
                 gflop_counts[name], params[name] = gflops(encoder, views[args.student_size]), count(encoder)

@@ -47,6 +47,7 @@ from modeling import DepthAnythingTeacher
 from modeling.summary import count as count_parameters
 from trainer.train.cache_teacher import build_cache
 from trainer.config import Config
+from trainer.console import comma_choices
 from trainer.train.distill import build_student
 from trainer.train.loop import DistillationStep
 
@@ -113,10 +114,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="the tiny test teacher instead of V2-Small")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
-    args.variants = (args.variants or DEFAULT_VARIANTS[args.device]).split(",")
-    unknown = [name for name in args.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    args.variants = comma_choices(parser, "--variants", args.variants or DEFAULT_VARIANTS[args.device], VARIANTS)
     return args
 
 

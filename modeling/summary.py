@@ -25,6 +25,7 @@ from data.transforms import TEACHER_MULTIPLE
 from modeling.decoder import DECODERS
 from modeling.student import StudentDepthModel
 from modeling.teacher import small_config
+from trainer.console import comma_choices
 
 
 def count(module: nn.Module) -> int:
@@ -102,10 +103,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--size", type=int, default=256, help="student input side, a multiple of 32")
     parser.add_argument("--teacher-size", type=int, default=518, help="a multiple of 14")
     args = parser.parse_args(argv)
-    decoders = [name for name in args.decoders.split(",") if name]
-    unknown = [name for name in decoders if name not in DECODERS]
-    if unknown:
-        parser.error(f"unknown --decoders {unknown}; choose from {', '.join(DECODERS)}")
+    decoders = comma_choices(parser, "--decoders", args.decoders, DECODERS)
 
     teacher = DepthAnythingForDepthEstimation(small_config()).eval()
     teacher_params = count(teacher)

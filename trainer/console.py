@@ -133,6 +133,15 @@ def output_path_problem(path: Path, flag: str, what: str = "a file path") -> Opt
     return None
 
 
+def comma_choices(parser: argparse.ArgumentParser, flag: str, text: str, choices) -> list[str]:
+    """The comma-separated names in `text`; a name not in `choices` is a usage error naming them."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        parser.error(f"unknown {flag} {unknown}; choose from {', '.join(choices)}")
+    return names
+
+
 def plural(count: int, noun: str, suffix: str = "s") -> str:
     return f"{count} {noun}{'' if count == 1 else suffix}"
 
