@@ -99,7 +99,7 @@ def trainer_step(cfg: Config, accelerator, teacher: DepthAnythingTeacher, steps:
     progress.plan(cfg, cfg.train.batch_size, steps_per_epoch=steps)
     scheduler = build_scheduler(cfg, optimizer, progress.schedule_position)
     photos = select_photos(cfg)
-    train, _, _ = build_datasets(cfg, teacher, targets, photos.train, photos.val)
+    train, _, _ = build_datasets(cfg, teacher, targets, photos)
     loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, steps * cfg.train.batch_size), None, None)
     step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
                             photos_per_step=cfg.train.batch_size)

@@ -51,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = bench_config(args.teacher_size, args.student_size, args.batch_size, args.workers, tiny=False)
     photos = select_photos(cfg)
-    train, _, _ = build_datasets(cfg, None, Targets.LIVE, photos.train, photos.val)  # no cache: no teacher
+    train, _, _ = build_datasets(cfg, None, Targets.LIVE, photos)  # no cache: no teacher
     loader, _, _ = build_loaders(cfg, Accelerator(cpu=True), Cycled(train, args.items), None, None)
 
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from PIL import Image
@@ -55,11 +55,33 @@ class TrainTransform:
         )
 
     def sample_params(self, image: Image.Image) -> CropParams:
-        top, left, height, width = RandomResizedCrop.get_params(
-            image, list(self.scale), list(self.ratio)
-        )
+        return self.sample_params_for_size(image.width, image.height)
+
+    def sample_params_for_size(self, width: int, height: int) -> CropParams:
+        # get_params reads only the image's size: a zero-stride tensor of that shape allocates nothing.
+        like = torch.empty(()).expand(1, height, width)
+        top, left, crop_height, crop_width = RandomResizedCrop.get_params(like, list(self.scale), list(self.ratio))
         flip = bool(torch.rand(()) < self.hflip_prob)
-        return CropParams(box=(left, top, left + width, top + height), flip=flip)
+        return CropParams(box=(left, top, left + crop_width, top + crop_height), flip=flip)
+
+    def sample_jitter(self) -> Optional[dict]:
+        """One draw of the student's colour jitter (ColorJitter's own parameters), or None. Drawn
+        right after the crop, as the PIL path's jitter draws, so both paths consume the RNG alike."""
+        return None if self.color_jitter is None else self.color_jitter.make_params([])
+
+    def apply_tensor(self, image: torch.Tensor, params: CropParams, jitter: Optional[dict],
+                     teacher_view: bool = True) -> dict[str, torch.Tensor]:
+        """`apply` for a decoded uint8 (3, H, W) tensor on any device: the same crop, flip and jitter,
+        rendered with torch's antialiased bilinear resize (PIL's filter) and normalised there."""
+        left, upper, right, lower = params.box
+        crop = image[:, upper:lower, left:right]
+        student_view = _resize_tensor(crop, self.student_size, params.flip)
+        if jitter is not None:
+            student_view = self.color_jitter.transform(student_view, jitter)
+        views = {"student_image": _normalize_tensor(student_view)}
+        if teacher_view:
+            views["teacher_image"] = _normalize_tensor(_resize_tensor(crop, self.teacher_size, params.flip))
+        return views
 
     def apply(self, image: Image.Image, params: CropParams, teacher_view: bool = True) -> dict[str, torch.Tensor]:
         """Both views, or only the student's when the teacher's output comes from a cache
@@ -118,6 +140,15 @@ def _render_view(image: Image.Image, size: int, params: CropParams) -> Image.Ima
     # bilinear filter when shrinking, so this is antialiased.
     view = image.resize((size, size), Image.Resampling.BILINEAR, box=params.box)
     return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else view
+
+
+def _resize_tensor(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
+    view = F.resize(crop, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return view.flip(-1) if flip else view
+
+
+def _normalize_tensor(image: torch.Tensor) -> torch.Tensor:
+    return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def _normalize(image: Image.Image) -> torch.Tensor:

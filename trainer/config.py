@@ -49,6 +49,12 @@ class DataConfig:
     labeled_min_depth: float = 1e-3
     labeled_max_depth: float = 10.0
     labeled_depth_scale: float = 1000.0  # 16-bit PNG units per metre
+    # A folder (or fsspec URL: s3://, gs://, https://) written by `python -m trainer.prepare_shards`:
+    # training and validation photos come from its shards instead of train_dir / val_dir.
+    shards: Optional[str] = None
+    # Where shard photos are decoded and augmented: "workers" (the DataLoader workers, on the CPU),
+    # "device" (where the step runs: nvJPEG and CUDA kernels on a GPU), "auto" (device on a GPU).
+    decode_on: str = "auto"
 
 
 @dataclass
@@ -243,7 +249,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 # resumed run a different run from the one whose state it loads.
 RESUMABLE_KEYS = ("run_name", "output_dir", "train.epochs", "train.max_steps", "train.save_every",
                   "train.keep_last", "train.max_nonfinite_steps", "train.compile", "train.process_group_timeout_s",
-                  "data.num_workers",
+                  "data.num_workers", "data.decode_on",
                   "eval.every", "eval.batch_size", "log.", "export.")
 
 
@@ -321,6 +327,12 @@ def validate(cfg: Config) -> None:
     _check(0 < d.labeled_min_depth < d.labeled_max_depth, "data.labeled_min_depth",
            "must be > 0 and below data.labeled_max_depth")
     _check(d.labeled_depth_scale > 0, "data.labeled_depth_scale", "must be > 0")
+    _check_choice(d.decode_on, "data.decode_on", ("auto", "workers", "device"))
+    _check(d.decode_on != "device" or d.shards is not None, "data.decode_on",
+           "'device' needs data.shards (a folder's photos, of any format, are decoded in the workers); "
+           "write shards with `python -m trainer.prepare_shards`")
+    _check(d.shards is None or cfg.distill.teacher_cache is None, "data.shards",
+           "training from shards with distill.teacher_cache is not supported yet; set one of the two")
 
     _check(bool(cfg.teacher.name), "teacher.name", "must be a hub id, a local directory or 'tiny'")
     _check_choice(cfg.student.decoder, "student.decoder", DECODERS)

@@ -37,7 +37,7 @@ from trainer.processes import check_world_size, die_with_launcher
 from trainer.ship.export import ExportError, export_student
 from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_finite, load_training_state, resume_candidates
 from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
-from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders, select_photos
+from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders, device_rendering, select_photos
 from trainer.train.loop import (EXIT_EXPORT, EXIT_OK, EXIT_SAVE_FAILED, EXIT_SETUP, DistillationStep, Progress,
                                 Trainer, remap_epoch_position)
 from trainer.train.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, prepare_run_dir
@@ -139,11 +139,12 @@ def log_hparams(accelerator: Accelerator, cfg: Config, labeled: bool) -> None:
 def start_summary(cfg: Config, accelerator: Accelerator, photos: Photos, teacher, student, targets: Targets,
                   photos_per_step: int, total_steps: int, resumed_from: Optional[Path]) -> str:
     d = cfg.data
+    split = f"from {d.val_dir}" if d.val_dir else f"({d.val_fraction:.0%} of them, seed {cfg.seed})"
     lines = [
         f"run '{cfg.run_name}' -> {cfg.run_dir.resolve()}"
         + (f" (resumed from {resumed_from.name})" if resumed_from else " (new run)"),
-        f"  photos: {len(photos.train)} for training from {d.train_dir}, {len(photos.val)} for validation"
-        + (f" from {d.val_dir}" if d.val_dir else f" ({d.val_fraction:.0%} of them, seed {cfg.seed})"),
+        f"  photos: {len(photos.train)} for training from {photos.source}, {len(photos.val)} for validation "
+        + (photos.val_source or split),
         f"  teacher: {cfg.teacher.name} ({count_parameters(teacher) / 1e6:.2f} M parameters) at {d.teacher_size} px; "
         f"targets: {targets.value}" + (f" ({cfg.distill.teacher_cache})" if cfg.distill.teacher_cache else ""),
         f"  student: {cfg.student.backbone} + {cfg.student.decoder} decoder "
@@ -199,7 +200,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     photos = select_photos(cfg)
     targets = Targets.of(cfg)
     teacher = build_teacher(cfg)
-    train, val, labeled = build_datasets(cfg, teacher, targets, photos.train, photos.val)
+    train, val, labeled = build_datasets(cfg, teacher, targets, photos)
     accelerator = join_processes(cfg)
     check_world_size(accelerator)
     set_seed(cfg.seed)
@@ -243,7 +244,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     if not resume:
         log_hparams(accelerator, cfg, labeled is not None)
     step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
-                            photos_per_step)
+                            photos_per_step, render_batch=device_rendering(train, accelerator.device))
     trainer = Trainer(cfg, step, train_loader, val_loader, labeled_loader)
     with logging_redirect_tqdm():
         code = trainer.fit()

@@ -3,10 +3,14 @@ targets come from. Everything here runs before the loop and says what is wrong i
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -15,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, TrainTransform, UnlabeledImageDataset,
                   first_readable, no_images_message, scan_images, split_train_val)
 from data.datasets import _decode_max_side
+from data.shards import ShardPhotoDataset, ShardSet, ShardsError, collate_encoded
 from trainer.train.cache_teacher import open_cache
 from trainer.config import Config, ConfigError
-from trainer.console import plural
+from trainer.console import plural, say
 from trainer.errors import RunError
 
 
@@ -65,9 +70,12 @@ class EpochSeededDataset(Dataset):
 
 @dataclass
 class Photos:
-    train: list[Path]
-    val: list[Path]
+    train: list  # Paths of a folder, or ShardPhotos of `shards`
+    val: list
+    source: str  # where they are read from, for messages
+    val_source: str = ""  # where the validation photos come from when not from the config's split
     ignored: dict[str, int] = field(default_factory=dict)  # files skipped by extension -> count
+    shards: Optional[ShardSet] = None
 
 
 def _scan(key: str, folder: str) -> tuple[list[Path], dict[str, int]]:
@@ -95,6 +103,8 @@ def select_photos(cfg: Config) -> Photos:
     """Training and validation photos; runs before any model is built, so a missing or empty
     folder, or one where nothing decodes, is reported at once. Errors name the key to fix."""
     d = cfg.data
+    if d.shards is not None:
+        return _select_shards(cfg)
     for key, folder in (("data.labeled_dir", d.labeled_dir), ("distill.teacher_cache", cfg.distill.teacher_cache)):
         if folder is not None and not Path(folder).is_dir():
             raise ConfigError(f"{key}: folder '{folder}' does not exist")
@@ -107,28 +117,74 @@ def select_photos(cfg: Config) -> Photos:
     max_side = _decode_max_side(EvalTransform(d.teacher_size, d.student_size))
     _check_readable(train, "training", d.train_dir, max_side)
     _check_readable(val, "validation", d.val_dir or d.train_dir, max_side)
-    return Photos(train, val, ignored)
+    return Photos(train, val, d.train_dir, ignored)
 
 
-def build_datasets(cfg: Config, teacher, targets: Targets, train_paths: list[Path], val_paths: list[Path]):
+def _select_shards(cfg: Config) -> Photos:
+    d = cfg.data
+    for key, folder in (("data.labeled_dir", d.labeled_dir),):
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"{key}: folder '{folder}' does not exist")
+    try:
+        shards = ShardSet.open(d.shards)
+    except ShardsError as error:
+        raise ConfigError(str(error)) from None
+    train, val = shards.photos["train"], shards.photos["val"]
+    if not train:
+        raise ConfigError(f"data.shards: {d.shards} holds no training photo")
+    stored, needed = shards.manifest["max_side"], _decode_max_side(EvalTransform(d.teacher_size, d.student_size))
+    if stored < needed:
+        say(f"warning: data.shards: photos in {d.shards} are at most {stored} px, fewer than the {needed} px "
+            f"the folder pipeline decodes for data.teacher_size={d.teacher_size}; crops are upsampled")
+    for what, photos in (("training", train), ("validation", val)):
+        # As for a folder: stop now if not one photo reads (one read and decode when the data is fine).
+        dataset = ShardPhotoDataset(shards, photos, EvalTransform(d.teacher_size, d.student_size))
+        reasons = (dataset.unreadable_reason(i) for i in range(len(photos)))
+        if photos and all(reasons):
+            raise RunError(f"none of the {plural(len(photos), what + ' photo')} in {d.shards} could be read: "
+                           f"{photos[0]}: {dataset.unreadable_reason(0)}")
+    source = f"shards {d.shards} (decoded on the {decode_location(cfg)})"
+    return Photos(train, val, source, val_source="from the same shards", shards=shards)
+
+
+def decode_location(cfg: Config) -> str:
+    """data.decode_on with "auto" resolved: the device when the run trains on a GPU."""
+    if cfg.data.decode_on != "auto":
+        return cfg.data.decode_on
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "device" if torch.cuda.is_available() and not on_cpu else "workers"
+
+
+def build_datasets(cfg: Config, teacher, targets: Targets, photos: Photos):
     """-> (train, validation or None, labeled or None)."""
     d = cfg.data
     augment = TrainTransform(d.teacher_size, d.student_size, scale=tuple(d.crop_scale),
                              ratio=tuple(d.crop_ratio), hflip_prob=d.hflip_prob, color_jitter=d.color_jitter)
     plain = EvalTransform(d.teacher_size, d.student_size)
-    if targets is Targets.LIVE:
-        photos = UnlabeledImageDataset(train_paths, augment)
+    if photos.shards is not None:
+        train_photos = ShardPhotoDataset(photos.shards, photos.train, augment, decode_location(cfg))
+        val = ShardPhotoDataset(photos.shards, photos.val, plain) if photos.val else None
     else:
-        cache = open_cache(cfg, teacher, train_paths)
-        photos = CachedTeacherDataset(train_paths, augment, cache, with_teacher_image=targets.runs_teacher)
-    train = EpochSeededDataset(photos, cfg.seed)
-    val = UnlabeledImageDataset(val_paths, plain) if val_paths else None
+        if targets is Targets.LIVE:
+            train_photos = UnlabeledImageDataset(photos.train, augment)
+        else:
+            cache = open_cache(cfg, teacher, photos.train)
+            train_photos = CachedTeacherDataset(photos.train, augment, cache, with_teacher_image=targets.runs_teacher)
+        val = UnlabeledImageDataset(photos.val, plain) if photos.val else None
+    train = EpochSeededDataset(train_photos, cfg.seed)
     labeled = None
     if d.labeled_dir is not None:
         labeled = LabeledDepthDataset(d.labeled_dir, plain, min_depth=d.labeled_min_depth,
                                       max_depth=d.labeled_max_depth, depth_scale=d.labeled_depth_scale,
                                       crop=d.labeled_crop)
     return train, val, labeled
+
+
+def device_rendering(train: EpochSeededDataset, device: torch.device) -> Optional[Callable[[dict], dict]]:
+    """What turns a batch of encoded photos into views on `device`, or None when workers render."""
+    if not getattr(train.dataset, "renders_on_device", False):
+        return None
+    return functools.partial(train.dataset.render_batch, device=device)
 
 
 def _ignore_interrupts(worker_id: int) -> None:
@@ -142,7 +198,9 @@ def build_loaders(cfg: Config, accelerator: Accelerator, train, val, labeled):
     workers = cfg.data.num_workers
     common = dict(num_workers=workers, worker_init_fn=_ignore_interrupts if workers else None,
                   pin_memory=accelerator.device.type == "cuda")
-    train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, **common)
+    # Photos decoded on the device travel as bytes, which only a list can batch.
+    collate = collate_encoded if getattr(train.dataset, "renders_on_device", False) else None
+    train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, **common)
 
     val_loader = None if val is None else DataLoader(val, batch_size=cfg.eval.batch_size, **common)
     # Ground truth keeps its own resolution, which may vary within a set (KITTI): one image a batch.
