@@ -40,7 +40,7 @@ from trainer.errors import first_line
 from .datasets import UnlabeledImageDataset, _blank_views
 from .images import describe_unreadable, load_rgb
 from .teacher_cache import FOLDER_LITTER, TMP_PREFIX, new_file_mode
-from .transforms import CropParams, EvalTransform, TrainTransform
+from .transforms import CropParams, EvalTransform, TrainTransform, normalize_views
 
 SHARDS_VERSION = 1
 MANIFEST_FILE, INDEX_FILE = "manifest.json", "index.json"
@@ -252,8 +252,8 @@ class ShardPhotoDataset(UnlabeledImageDataset):
 
     `decode_on`:
       "workers": each worker reads, decodes (torchvision's libjpeg-turbo) and renders both views
-                 with `TrainTransform.apply_tensor`; samples look like the folder dataset's.
-      "device":  workers only read bytes and draw the augmentation; `render_batch` then decodes and
+                 with `TrainTransform.apply_tensor`, as uint8; `finish_batch` normalises them on the device.
+      "device":  workers only read bytes and draw the augmentation; `finish_batch` then decodes and
                  renders the batch where the step runs (GPU: nvJPEG and CUDA kernels), with the
                  same code and the same draws.
     With an `EvalTransform` (validation), photos are decoded with PIL as in the folder dataset.
@@ -284,13 +284,16 @@ class ShardPhotoDataset(UnlabeledImageDataset):
             params = self.transform.sample_params_for_size(width, height)
             return {"jpeg": data, "params": (params, self.transform.sample_jitter())}
         params = self.transform.sample_params_for_size(loaded.shape[-1], loaded.shape[-2])
-        return self.transform.apply_tensor(loaded, params, self.transform.sample_jitter())
+        # uint8 views: a quarter of the bytes through shared memory and to the device, normalised there.
+        return self.transform.apply_tensor(loaded, params, self.transform.sample_jitter(), normalize=False)
 
     def blank_sample(self) -> dict:
-        if self.decode_on == "device" and not isinstance(self.transform, EvalTransform):
+        if isinstance(self.transform, EvalTransform):
+            return _blank_views(self.transform)
+        if self.decode_on == "device":
             return {"jpeg": np.frombuffer(JPEG_START + JPEG_END, dtype=np.uint8),
                     "params": (CropParams(box=(0, 0, 1, 1), flip=False), None)}
-        return _blank_views(self.transform)
+        return {name: view.to(torch.uint8) for name, view in _blank_views(self.transform).items()}
 
     def describe(self, index: int, error: Exception) -> str:
         if isinstance(error, OSError):  # a missing or short shard, a damaged JPEG: the error says which
@@ -307,26 +310,28 @@ class ShardPhotoDataset(UnlabeledImageDataset):
 
     @property
     def renders_on_device(self) -> bool:
-        return self.decode_on == "device" and isinstance(self.transform, TrainTransform)
+        """Batches need `finish_batch` on the device: encoded photos, or uint8 views to normalise."""
+        return isinstance(self.transform, TrainTransform)
 
-    def render_batch(self, batch: dict, device: torch.device) -> dict:
-        """A collated batch of encoded photos (`collate_encoded`) -> the batch of views, on `device`.
-        A photo that does not decode there becomes zeros with valid=False, as in the workers."""
+    def finish_batch(self, batch: dict, device: torch.device) -> dict:
+        """A batch from the workers -> the step's views on `device`: uint8 views normalised, or
+        (decode_on=device, `collate_encoded`) encoded photos decoded and rendered there. A photo that
+        does not decode there becomes zeros with valid=False, as in the workers."""
+        if "jpeg" not in batch:
+            views = {name: batch[name].to(device, non_blocking=True) for name in ("student_image", "teacher_image")}
+            return {**batch, **normalize_views(views)}
         encoded = [torch.from_numpy(np.array(data)) for data in batch.pop("jpeg")]
         params = batch.pop("params")
         try:
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad photo fails the batched call: decode them one by one
             images = [_decode_or_none(data, device) for data in encoded]
-        blank = _blank_views(self.transform)
-        views, ok = [], []
-        for image, (crop, jitter) in zip(images, params):
-            ok.append(image is not None)
-            views.append(self.transform.apply_tensor(image, crop, jitter) if image is not None
-                         else {k: v.to(device) for k, v in blank.items()})
-        stacked = {name: torch.stack([v[name] for v in views]) for name in views[0]}
-        valid = batch["valid"] & torch.tensor(ok, device=batch["valid"].device)
-        return {**batch, **stacked, "valid": valid}
+        blank = {name: view.to(device) for name, view in _blank_views(self.transform).items()}
+        views = [self.transform.apply_tensor(image, crop, jitter) if image is not None else blank
+                 for image, (crop, jitter) in zip(images, params)]
+        stacked = {name: torch.stack([v[name] for v in views]) for name in blank}
+        decoded = torch.tensor([image is not None for image in images], device=batch["valid"].device)
+        return {**batch, **stacked, "valid": batch["valid"] & decoded}
 
 
 def _decode_or_none(data: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:

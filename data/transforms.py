@@ -70,18 +70,17 @@ class TrainTransform:
         return None if self.color_jitter is None else self.color_jitter.make_params([])
 
     def apply_tensor(self, image: torch.Tensor, params: CropParams, jitter: Optional[dict],
-                     teacher_view: bool = True) -> dict[str, torch.Tensor]:
+                     normalize: bool = True) -> dict[str, torch.Tensor]:
         """`apply` for a decoded uint8 (3, H, W) tensor on any device: the same crop, flip and jitter,
-        rendered with torch's antialiased bilinear resize (PIL's filter) and normalised there."""
+        rendered with torch's antialiased bilinear resize (PIL's filter). `normalize=False` keeps
+        the views uint8 (a quarter of the bytes to move); `normalize_views` finishes them."""
         left, upper, right, lower = params.box
         crop = image[:, upper:lower, left:right]
         student_view = _resize_tensor(crop, self.student_size, params.flip)
         if jitter is not None:
             student_view = self.color_jitter.transform(student_view, jitter)
-        views = {"student_image": _normalize_tensor(student_view)}
-        if teacher_view:
-            views["teacher_image"] = _normalize_tensor(_resize_tensor(crop, self.teacher_size, params.flip))
-        return views
+        views = {"student_image": student_view, "teacher_image": _resize_tensor(crop, self.teacher_size, params.flip)}
+        return normalize_views(views) if normalize else views
 
     def apply(self, image: Image.Image, params: CropParams, teacher_view: bool = True) -> dict[str, torch.Tensor]:
         """Both views, or only the student's when the teacher's output comes from a cache
@@ -147,8 +146,10 @@ def _resize_tensor(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
     return view.flip(-1) if flip else view
 
 
-def _normalize_tensor(image: torch.Tensor) -> torch.Tensor:
-    return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+def normalize_views(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 views (one image or a batch) -> float32 in [0, 1], then ImageNet-normalised."""
+    return {name: F.normalize(F.to_dtype(view, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+            for name, view in views.items()}
 
 
 def _normalize(image: Image.Image) -> torch.Tensor:

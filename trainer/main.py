@@ -244,7 +244,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     if not resume:
         log_hparams(accelerator, cfg, labeled is not None)
     step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
-                            photos_per_step, render_batch=device_rendering(train, accelerator.device))
+                            photos_per_step, finish_batch=device_rendering(train, accelerator.device))
     trainer = Trainer(cfg, step, train_loader, val_loader, labeled_loader)
     with logging_redirect_tqdm():
         code = trainer.fit()

@@ -64,7 +64,9 @@ class EpochSeededDataset(Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
+            # The CPU generator alone (all the augmentation draws from): torch.manual_seed would also
+            # queue a lazy seeding of every accelerator backend, ~1 ms a sample.
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
             return self.dataset[index]
 
 
@@ -180,11 +182,19 @@ def build_datasets(cfg: Config, teacher, targets: Targets, photos: Photos):
     return train, val, labeled
 
 
-def device_rendering(train: EpochSeededDataset, device: torch.device) -> Optional[Callable[[dict], dict]]:
+def photo_dataset(dataset: Dataset) -> Dataset:
+    """The dataset of photos under its wrappers (EpochSeededDataset, a benchmark's Cycled)."""
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+def device_rendering(train: Dataset, device: torch.device) -> Optional[Callable[[dict], dict]]:
     """What turns a batch of encoded photos into views on `device`, or None when workers render."""
-    if not getattr(train.dataset, "renders_on_device", False):
+    photos = photo_dataset(train)
+    if not getattr(photos, "renders_on_device", False):
         return None
-    return functools.partial(train.dataset.render_batch, device=device)
+    return functools.partial(photos.finish_batch, device=device)
 
 
 def _ignore_interrupts(worker_id: int) -> None:
@@ -199,7 +209,7 @@ def build_loaders(cfg: Config, accelerator: Accelerator, train, val, labeled):
     common = dict(num_workers=workers, worker_init_fn=_ignore_interrupts if workers else None,
                   pin_memory=accelerator.device.type == "cuda")
     # Photos decoded on the device travel as bytes, which only a list can batch.
-    collate = collate_encoded if getattr(train.dataset, "renders_on_device", False) else None
+    collate = collate_encoded if getattr(photo_dataset(train), "decode_on", None) == "device" else None
     train_loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate, **common)
 
     val_loader = None if val is None else DataLoader(val, batch_size=cfg.eval.batch_size, **common)

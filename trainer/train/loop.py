@@ -132,13 +132,14 @@ class DistillationStep:
 
     def __init__(self, cfg: Config, accelerator: Accelerator, module, teacher, targets: Targets, optimizer,
                  scheduler, progress: Progress, photos_per_step: int,
-                 render_batch: Optional[Callable[[dict], dict]] = None):
+                 finish_batch: Optional[Callable[[dict], dict]] = None):
         self.cfg, self.accelerator, self.module = cfg, accelerator, module
         self.teacher, self.targets = teacher, targets
         self.optimizer, self.scheduler = optimizer, scheduler
         self.progress, self.photos_per_step = progress, photos_per_step
-        # Photos that come encoded (shards decoded on the device) become views here, before the step.
-        self.render_batch = render_batch or (lambda batch: batch)
+        # Shard batches become the step's views here, on the device: uint8 views are normalised,
+        # encoded photos (data.decode_on=device) decoded and rendered.
+        self.finish_batch = finish_batch or (lambda batch: batch)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.float_buffers = [b for b in module.buffers() if b.is_floating_point()]
         self.stop_requested: Callable[[], bool] = lambda: False  # the trainer's signal flag, agreed on below
@@ -152,7 +153,7 @@ class DistillationStep:
         every `optim.grad_accum_steps` batches, or at the end of an epoch."""
         window, accum = Window(), self.cfg.optim.grad_accum_steps
         while True:
-            batch = self.render_batch(next(batches))
+            batch = self.finish_batch(next(batches))
             with self.accelerator.accumulate(self.module):
                 out = self.train_step(batch)
             window.loss = window.loss + out["loss"] / accum
