@@ -195,10 +195,12 @@ def part_data_pipeline(tiny: bool, work: Path) -> dict:
         return {"status": "skipped: the step part wrote no figures to compare with"}
     if not torch.cuda.is_available() and not tiny:
         return {"status": NO_CUDA}
-    size = ["--teacher-size", "42", "--student-size", "64", "--items", "8"] if tiny else ["--items", "400"]
+    size = ["--teacher-size", "42", "--student-size", "64", "--items", "8", "--rounds", "1", "--photo-size",
+            "shipped"] if tiny else ["--items", "384", "--rounds", "2"]
     workers = 1 if tiny else os.cpu_count()
     batch_size = 2 if tiny else 32
-    return dataloader.main([*size, "--batch-size", str(batch_size), "--workers", str(workers),
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dataloader.main([*size, "--batch-size", str(batch_size), "--workers", str(workers), "--device", device,
                             "--step-json", str(step_json), "--json", str(work / "dataloader.json")])
 
 
@@ -356,10 +358,17 @@ def format_markdown(figures: dict) -> str:
 
     data = figures["data_pipeline"]
     lines += ["## 4. Data pipeline against the step", ""]
-    if "images_per_s" in data:
-        verdict = "the step" if data["pipeline_vs_step"] >= 1 else "the data pipeline"
-        lines.append(f"{_fmt(data['images_per_s'])} photos/s from the pipeline; pipeline_vs_step "
-                     f"{_fmt(data['pipeline_vs_step'])}: {verdict} limits training.")
+    if "pipelines" in data:
+        variants = list(data["step_images_per_s_excluding_data"])
+        lines += ["| pipeline | photos/s (workers) | device's share, photos/s | "
+                  + " | ".join(f"pipeline / step '{v}'" for v in variants) + " |",
+                  "|---|---|---|" + "---|" * len(variants)]
+        for name, p in data["pipelines"].items():
+            ratios = data["pipeline_vs_step"][name]
+            lines.append(f"| {name} | {_fmt(p['photos_per_s'])} | {_fmt(p.get('device_photos_per_s', ''))} | "
+                         + " | ".join(_fmt(ratios[v]) for v in variants) + " |")
+        lines += ["", f"{data['settings']['photos']['size']}, {data['settings']['workers']} workers; above 1 the "
+                      f"pipeline keeps the step fed."]
     else:
         lines.append(data.get("status", ""))
     lines.append("")

@@ -293,6 +293,10 @@ class ShardPhotoDataset(UnlabeledImageDataset):
         if self.decode_on == "device":
             return {"jpeg": np.frombuffer(JPEG_START + JPEG_END, dtype=np.uint8),
                     "params": (CropParams(box=(0, 0, 1, 1), flip=False), None)}
+        return self.blank_sample_views()
+
+    def blank_sample_views(self) -> dict[str, torch.Tensor]:
+        """uint8 zeros in place of an unreadable photo's views, whichever side renders them."""
         return {name: view.to(torch.uint8) for name, view in _blank_views(self.transform).items()}
 
     def describe(self, index: int, error: Exception) -> str:
@@ -301,9 +305,15 @@ class ShardPhotoDataset(UnlabeledImageDataset):
         return f"undecodable JPEG in shard ({first_line(error)})"
 
     def unreadable_reason(self, index: int) -> str:
+        """Why photo `index` comes out invalid, or "": read and decoded again here as the training
+        path decodes it (libjpeg-turbo through torchvision, which is stricter than PIL)."""
         try:
             data = self.shards.read(self.photos[index])
-            load_rgb(io.BytesIO(data))
+            if isinstance(self.transform, EvalTransform):
+                load_rgb(io.BytesIO(data))
+            else:
+                check_jpeg(data)
+                decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except Exception as error:
             return self.describe(index, error)
         return ""
@@ -326,7 +336,7 @@ class ShardPhotoDataset(UnlabeledImageDataset):
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad photo fails the batched call: decode them one by one
             images = [_decode_or_none(data, device) for data in encoded]
-        blank = {name: view.to(device) for name, view in _blank_views(self.transform).items()}
+        blank = normalize_views({name: view.to(device) for name, view in self.blank_sample_views().items()})
         views = [self.transform.apply_tensor(image, crop, jitter) if image is not None else blank
                  for image, (crop, jitter) in zip(images, params)]
         stacked = {name: torch.stack([v[name] for v in views]) for name in blank}

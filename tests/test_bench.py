@@ -100,19 +100,27 @@ def test_the_gradient_error_is_zero_for_the_same_map_up_to_scale_and_shift():
     assert (fidelity.gradient_error(torch.rand(2, 1, 16, 16), teacher) > 0.5).all()
 
 
-def test_dataloader_compares_with_the_step(tmp_path):
+def test_dataloader_compares_folder_and_shards_with_the_step(tmp_path):
     step = {"settings": {"teacher_size": 42, "student_size": 64},
             "variants": {"live": {"dataset": "UnlabeledImageDataset", "images_per_s_excluding_data": 2.0},
                          "cached": {"dataset": "CachedTeacherDataset", "images_per_s_excluding_data": 8.0}}}
     (tmp_path / "step.json").write_text(json.dumps(step))
     path = tmp_path / "dataloader.json"
-    dataloader.main([*TINY_SIZES, "--batch-size", "2", "--workers", "0", "--items", "6",
-                     "--step-json", str(tmp_path / "step.json"), "--json", str(path)])
+    dataloader.main([*TINY_SIZES, "--photo-size", "320x240", "--batch-size", "2", "--workers", "0", "--items", "6",
+                     "--rounds", "1", "--step-json", str(tmp_path / "step.json"), "--json", str(path)])
     figures = json.loads(path.read_text())
-    assert _positive(figures["images_per_s"]) and _positive(figures["images_per_s_with_startup"])
-    # Only the live step reads this pipeline; the cached one has its own dataset.
-    assert set(figures["pipeline_vs_step_by_variant"]) == {"live"}
-    assert math.isclose(figures["pipeline_vs_step"], figures["images_per_s"] / 2.0)
+    pipelines = figures["pipelines"]
+    assert set(pipelines) == {"folder", "shards_cpu_decode", "shards_device_decode"}
+    for name, p in pipelines.items():
+        assert _positive(p["photos_per_s"]) and p["photos_per_s_per_worker"] == p["photos_per_s"]  # no workers
+        assert ("device_photos_per_s" in p) == name.startswith("shards"), name
+    assert math.isclose(figures["shards_vs_folder_per_worker"], pipelines["shards_cpu_decode"]["photos_per_s"]
+                        / pipelines["folder"]["photos_per_s"])
+    assert figures["settings"]["photos"]["size"].startswith("320x240")
+    device_decode = pipelines["shards_device_decode"]
+    feed = min(device_decode["photos_per_s"], device_decode["device_photos_per_s"])
+    assert math.isclose(figures["pipeline_vs_step"]["shards_device_decode"]["cached"], feed / 8.0)
+    assert math.isclose(figures["pipeline_vs_step"]["folder"]["live"], pipelines["folder"]["photos_per_s"] / 2.0)
 
 
 def test_gpu_check_in_tiny_mode_writes_every_section(tmp_path):

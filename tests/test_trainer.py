@@ -182,6 +182,42 @@ def uninterrupted(tmp_path_factory):
     return photos, run_dir
 
 
+def make_shards(out: Path, photos: Path, *overrides: str) -> Path:
+    """The photos as shards, as `python -m trainer.prepare_shards` writes them for a tiny run."""
+    result = subprocess.run([sys.executable, "-m", "trainer.prepare_shards", "--config", DEMO, "--out", str(out),
+                             f"data.train_dir={photos}", *TINY, *overrides], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_from_shards(tmp_path_factory, uninterrupted):
+    """The reference run's photos as shards, and 10 steps trained from them."""
+    photos, _ = uninterrupted
+    root = tmp_path_factory.mktemp("shards_reference")
+    shards = make_shards(root / "shards", photos)
+    run_dir = root / "run"
+    run_trainer(tiny_run_args(run_dir, photos, f"data.shards={shards}", "train.max_steps=10", "train.save_every=3"))
+    return shards, run_dir
+
+
+def test_sigkill_mid_epoch_then_resume_from_shards_equals_uninterrupted(tmp_path, uninterrupted_from_shards):
+    """Killed while decoding in a worker, resumed decoding on the device: on the CPU both paths are
+    the same computation, so the weights are bit-identical to the uninterrupted run's."""
+    shards, reference = uninterrupted_from_shards
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, tmp_path / "no_photos_here", f"data.shards={shards}", "train.max_steps=10",
+                         "train.save_every=3")
+    killed = run_trainer(args + ["data.num_workers=1", "data.decode_on=workers"], launcher="cpu", fault="sigkill@5",
+                         check=False)
+    assert killed.returncode != 0
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
+    resumed = run_trainer(args + ["--resume", "latest", "data.decode_on=device"], launcher="cpu")
+    assert "changed on resume: data.decode_on" in resumed.stdout + resumed.stderr
+    assert "from shards" in resumed.stdout
+    assert_same_weights(final_student(run_dir), final_student(reference))
+
+
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
@@ -337,8 +373,11 @@ def photos_and_lr(run_dir: Path) -> dict[float, float]:
     return {photos_at[step]: lr for step, lr in events["lr/decoder"]}
 
 
-@pytest.mark.parametrize("first, then, kill_after", [("cpu", "cpu_2proc", 2), ("cpu_2proc", "cpu", 2)])
-def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, photo_dir, first, then, kill_after):
+@pytest.mark.parametrize("first, then, kill_after, source", [("cpu", "cpu_2proc", 2, "folder"),
+                                                             ("cpu_2proc", "cpu", 2, "folder"),
+                                                             ("cpu_2proc", "cpu", 2, "shards")])
+def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, photo_dir, first, then, kill_after,
+                                                                      source):
     """4 photos, batch 2 per process, 3 epochs = 12 photos: 6 steps on one process, 3 on two.
     Before the schedule and the stopping point were counted in photos, 1 -> 2 processes resumed
     at a step past the new total and trained nothing, and 2 -> 1 trained 3.67 epochs with the
@@ -346,6 +385,8 @@ def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, 
     photos per step ends at the first step past the planned count: at most one step more.)"""
     args = ["train.epochs=3", "train.save_every=1", "data.val_fraction=0", "export.enabled=false",
             "optim.warmup_steps=1"]
+    if source == "shards":
+        args.append(f"data.shards={make_shards(tmp_path / 'shards', photo_dir, *args)}")
     reference = tmp_path / "reference"
     run_trainer(tiny_run_args(reference, photo_dir, *args), launcher=first)
     run_dir = tmp_path / "run"
