@@ -93,7 +93,7 @@ def trainer_step(cfg: Config, accelerator, teacher: DepthAnythingTeacher, steps:
         torch.manual_seed(cfg.seed)  # every variant starts from the same student
         student = build_student(cfg)
     targets = Targets.of(cfg)
-    module = build_module(cfg, student, teacher, with_features=targets.runs_teacher).to(accelerator.device).train()
+    module = build_module(cfg, student, teacher, with_features=targets.has_features).to(accelerator.device).train()
     optimizer = build_optimizer(cfg, module)
     progress = Progress()
     progress.plan(cfg, cfg.train.batch_size, steps_per_epoch=steps)

@@ -13,9 +13,11 @@ stopped and recorded as such while the others go on. The parts:
    its fraction of the GPU's dense bf16 peak, and each bf16 way against fp32 on the sample photos
    as depth metrics (aligned abs_rel, delta1, max abs disparity difference).
 3. step: the trainer's own step (`bench.train_step`: `DistillationStep`) at batch 32, teacher
-   live and cached, with channels_last and torch.compile (compilation timed apart as `warmup_s`):
+   live and cached, depth-only and with the default recipe's feature term (features live or stored
+   in the cache), with channels_last and torch.compile (compilation timed apart as `warmup_s`):
    photos/s, peak memory, host syncs per step, the teacher / student / optimizer shares.
-4. data_pipeline: `bench.dataloader` with a worker per core against the step's photos/s.
+4. data_pipeline: `bench.dataloader` with a worker per core, 12-MP JPEGs: the folder pipeline,
+   shards decoded in the workers and shards decoded on the GPU, each against each step variant.
 5. resume: a short real run through `accelerate launch` (single-GPU config, real architectures,
    random weights, the sample photos cycled) killed with SIGKILL mid-epoch and resumed, against an
    uninterrupted run: max abs difference of the final weights, bit-identical or not.
@@ -168,7 +170,7 @@ def part_step(tiny: bool, work: Path) -> dict:
                 "--warmup", "1", "--variants", "live,cached"]
     else:
         args = ["--batch-size", "32", "--steps", "6", "--warmup", "2", "--workers", str(min(8, os.cpu_count())),
-                "--variants", "live,cached,live_teacher_bf16,live_channels_last"]
+                "--variants", "live,cached,live_features,cached_features,live_teacher_bf16,live_channels_last"]
     figures = train_step.main([*args, "--device", "cuda" if cuda else "cpu", "--json", str(work / "step.json")])
     if not cuda:
         figures["not_measured"] = f"the bf16 teacher and channels_last variants: {NO_CUDA}"

@@ -23,7 +23,10 @@ variant's workers prefetch while another computes.
 (`trainer.train.cache_teacher.build_cache`) fills in a temporary folder, through the trainer's own
 dataset for `distill.teacher_cache` (`CachedTeacherDataset`): no teacher forward, and no teacher
 view rendered. The live variants run the same depth-only loss (feature
-weight 0) for a fair `cached_speedup_vs_live`; `live_features` adds the preset's feature term.
+weight 0) for a fair `cached_speedup_vs_live`; `live_features` adds the preset's feature term (the
+default recipe), and `cached_features` reads that term's teacher features from the cache too
+(`distill.cache_features: stored`, the default): `cached_speedup_vs_live_default_recipe`, with
+the cache's storage per photo (`cache_mb_per_photo`).
 """
 
 from __future__ import annotations
@@ -68,13 +71,14 @@ VARIANTS = {
     "live": Variant(),
     "cached": Variant(cached=True),
     "live_features": Variant(features=True),
+    "cached_features": Variant(cached=True, features=True),
     "live_teacher_bf16": Variant(teacher_dtype="bf16"),
     "live_teacher_fp16": Variant(teacher_dtype="fp16"),
     "live_channels_last": Variant(channels_last=True),
     "live_compile": Variant(compile=True),
     "cached_channels_last_compile": Variant(cached=True, channels_last=True, compile=True),
 }
-DEFAULT_VARIANTS = {"cpu": "live,cached", "cuda": ",".join(VARIANTS)}
+DEFAULT_VARIANTS = {"cpu": "live,cached,live_features,cached_features", "cuda": ",".join(VARIANTS)}
 
 
 @dataclass
@@ -251,9 +255,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     accelerator = Accelerator(cpu=device.type == "cpu")  # only says the device to the trainer's helpers
     with tempfile.TemporaryDirectory(prefix="bench-teacher-cache-") as cache_dir:
         cache_dir = Path(cache_dir)
+        cache = None
         if any(v.cached for v in variants.values()):
-            # The sample photos' teacher maps, written by the trainer's own cache writer.
-            build_cache(runner_config(VARIANTS["cached"], args, cache_dir), cache_dir, accelerator, teacher)
+            # The sample photos' teacher maps (and features, when a variant has the feature term),
+            # written by the trainer's own cache writer; a depth-only run reads the depth alone.
+            with_features = any(v.cached and v.features for v in variants.values())
+            cache = build_cache(runner_config(VARIANTS["cached_features" if with_features else "cached"], args,
+                                              cache_dir), cache_dir, accelerator, teacher)
         runners = {name: build_runner(v, args, accelerator, teachers[v.teacher_dtype], cache_dir)
                    for name, v in variants.items()}
         resident = (torch.cuda.memory_allocated(device) if device.type == "cuda"
@@ -280,10 +288,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                   "trainer.train.cache_teacher.build_cache in a temporary folder"),
         "variants": results,
     }
-    if "live" in results and "cached" in results:
-        for key in ("images_per_s", "images_per_s_excluding_data"):
-            suffix = key.removeprefix("images_per_s")
-            figures[f"cached_speedup_vs_live{suffix}"] = results["cached"][key] / results["live"][key]
+    for live, cached, name in (("live", "cached", "cached_speedup_vs_live"),
+                               ("live_features", "cached_features", "cached_speedup_vs_live_default_recipe")):
+        if live in results and cached in results:
+            for key in ("images_per_s", "images_per_s_excluding_data"):
+                figures[name + key.removeprefix("images_per_s")] = results[cached][key] / results[live][key]
+    if cache is not None:
+        depth_mb = 2 * args.teacher_size ** 2 / 1e6  # one fp16 map at cache_size
+        figures["cache_mb_per_photo"] = {"total": cache["megabytes_per_image"], "depth": depth_mb,
+                                         "features": cache["megabytes_per_image"] - depth_mb
+                                         if cache["features"] else 0.0}
     print(format_report(figures))
     write_json(args.json, figures)
     return figures

@@ -5,7 +5,9 @@ the crop. So the writer (`python -m trainer.train.cache_teacher`) runs it once p
 image at `cache_size` x `cache_size`, and training crops, resizes and flips the stored map with the
 same parameters as the student's view. A cache folder holds:
 
-    shard_r{rank}_{k:05d}.safetensors  fp16 maps (1, S, S), one per distinct photo, keyed by content hash
+    shard_r{rank}_{k:05d}.safetensors  fp16 maps (1, S, S), one per distinct photo, keyed by content hash,
+                 and, for a recipe with a feature term, "<hash>.features": the teacher's distilled
+                 layers on its patch grid, (layers, C, S/14, S/14) fp16
     index.json   {path relative to train_dir: {"hash", "shard", "height", "width"}}; "shard" is null
                  for a file that could not be decoded (training marks it invalid anyway)
     meta.json    what produced the maps; written last, so a folder without it is incomplete
@@ -37,7 +39,7 @@ from trainer.errors import first_line
 
 from .datasets import UnlabeledImageDataset, _blank_views, _decode_max_side
 from .images import describe_unreadable, list_images, load_rgb, split_train_val
-from .transforms import EvalTransform, TrainTransform
+from .transforms import TEACHER_MULTIPLE, EvalTransform, TrainTransform
 
 CACHE_VERSION = 1
 META_FILE, INDEX_FILE = "meta.json", "index.json"
@@ -46,7 +48,8 @@ TMP_PREFIX = ".tmp_"  # a file being written; renamed to its real name once comp
 META_KEYS = ("version", "teacher", "teacher_config_hash", "cache_size")  # every meta.json the writer made has these
 # Files an OS or a file browser drops into any folder it shows; they do not make a folder "used".
 FOLDER_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-MAPS_PER_SHARD = 256  # ~140 MB shards at cache_size 518: few files, each cheap to map
+MAPS_PER_SHARD = 256  # ~140 MB shards of depth at cache_size 518: few files, each cheap to map
+SHARD_BYTES = 512 * 2**20  # with features (~4.2 MB a photo for V2-Small at 518) shards close at this size
 
 
 class StaleCacheError(ValueError):
@@ -134,15 +137,20 @@ class ShardWriter:
     def _current_shard(self) -> str:
         return f"shard_r{self.rank}_{self._num_shards:05d}.safetensors"
 
-    def add(self, key: str, content_hash: str, height: int, width: int, disparity: torch.Tensor) -> None:
-        """disparity: (1, S, S) for the whole photo."""
+    def add(self, key: str, content_hash: str, height: int, width: int, disparity: torch.Tensor,
+            features: Optional[torch.Tensor] = None) -> None:
+        """disparity: (1, S, S) for the whole photo; features: (layers, C, S/14, S/14) or None."""
         if content_hash not in self._shard_of_hash:
             # A copy: safetensors refuses tensors that share storage (rows of one batch do).
             self._pending[content_hash] = disparity.to(torch.float16).clone()
+            if features is not None:
+                self._pending[f"{content_hash}.features"] = features.to(torch.float16).contiguous().clone()
             self._shard_of_hash[content_hash] = self._current_shard
         self.entries[key] = {"hash": content_hash, "shard": self._shard_of_hash[content_hash],
                              "height": height, "width": width}
-        if len(self._pending) >= self.maps_per_shard:
+        photos = sum(not name.endswith(".features") for name in self._pending)
+        pending_bytes = sum(t.numel() * t.element_size() for t in self._pending.values())
+        if photos >= self.maps_per_shard or pending_bytes >= SHARD_BYTES:
             self.flush()
 
     def skip(self, key: str, content_hash: str) -> None:
@@ -259,8 +267,9 @@ class TeacherCache:
 
     @classmethod
     def open(cls, cache_dir: str | Path, teacher_name: str, teacher_config_hash: str, cache_size: int,
-             paths: Sequence[Path], train_dir: str | Path) -> TeacherCache:
-        """Check that the cache was made by this teacher at this size and covers `paths`."""
+             paths: Sequence[Path], train_dir: str | Path, feature_layers: Optional[list[int]] = None) -> TeacherCache:
+        """Check that the cache was made by this teacher at this size and covers `paths` (and, with
+        `feature_layers`, holds the teacher's features of those layers)."""
         cache_dir = Path(cache_dir)
         rebuild = rebuild_hint(cache_dir)
         if not cache_dir.is_dir():
@@ -275,6 +284,12 @@ class TeacherCache:
             if meta.get(key) != value:
                 raise StaleCacheError(f"teacher cache {cache_dir} has {key}={meta.get(key)!r} but this run "
                                       f"needs {value!r}; {rebuild}")
+        if feature_layers is not None and meta.get("feature_layers") != list(feature_layers):
+            held = (f"the features of layers {meta['feature_layers']}" if meta.get("feature_layers")
+                    else "no teacher features")
+            raise StaleCacheError(f"teacher cache {cache_dir} holds {held}, but this run's feature term needs layers "
+                                  f"{list(feature_layers)}; {rebuild} (it stores them while "
+                                  f"distill.cache_features=stored), or set distill.cache_features=live")
         index = json.loads((cache_dir / INDEX_FILE).read_text())
         keys = [relative_key(path, train_dir) for path in paths]
         missing = [key for key in keys if key not in index]
@@ -311,6 +326,11 @@ class TeacherCache:
                                   f"so it has no teacher map; {rebuild_hint(self.cache_dir)}")
         return self._shard(entry["shard"]).get_tensor(content_hash).float()
 
+    def get_features(self, path: Path, content_hash: str) -> torch.Tensor:
+        """-> (layers, C, S/14, S/14) fp16 teacher features of the whole photo (after `get` checked it)."""
+        entry = self.index[relative_key(path, self.train_dir)]
+        return self._shard(entry["shard"]).get_tensor(f"{content_hash}.features")
+
 
 class CacheReadError(RuntimeError):
     """A photo's teacher map could not be read from its shard (a damaged file)."""
@@ -328,33 +348,56 @@ class CachedTeacherDataset(UnlabeledImageDataset):
     """
 
     def __init__(self, paths: Sequence[Path], transform: TrainTransform, cache: TeacherCache,
-                 with_teacher_image: bool) -> None:
+                 with_teacher_image: bool, with_features: bool = False) -> None:
         super().__init__(paths, transform)
-        self.cache, self.with_teacher_image = cache, with_teacher_image
+        self.cache, self.with_teacher_image, self.with_features = cache, with_teacher_image, with_features
+        self.feature_grid = transform.teacher_size // TEACHER_MULTIPLE  # the live teacher's grid on a crop
 
-    def load(self, index: int) -> tuple[Image.Image, torch.Tensor]:
+    def load(self, index: int) -> tuple[Image.Image, torch.Tensor, Optional[torch.Tensor]]:
         path = self.paths[index]
         photo_hash, image = read_photo(path, self.max_side)
         try:
-            return image, self.cache.get(path, photo_hash)
+            disparity = self.cache.get(path, photo_hash)
+            features = self.cache.get_features(path, photo_hash) if self.with_features else None
+            return image, disparity, features
         except StaleCacheError:
             raise
         except Exception as error:  # a damaged shard: safetensors' own errors
             raise CacheReadError(f"its teacher map in {self.cache.cache_dir} cannot be read "
                                  f"({first_line(error)})") from None
 
-    def render(self, loaded: tuple[Image.Image, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image, cached = loaded
+    def render(self, loaded: tuple[Image.Image, torch.Tensor, Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        image, cached, features = loaded
         params = self.transform.sample_params(image)
         views = self.transform.apply(image, params, teacher_view=self.with_teacher_image)
         left, upper, right, lower = params.box
         fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
-        disparity = crop_map(cached, fractions, self.transform.student_size, params.flip)
-        return self._select({**views, "teacher_disparity": disparity})
+        sample = {**views, "teacher_disparity": crop_map(cached, fractions, self.transform.student_size, params.flip)}
+        if features is not None:
+            # The same crop and flip on the teacher's patch grid, resampled to the grid the live
+            # teacher would give for the crop; fp16 until the device (a quarter of a float view's bytes).
+            grid = crop_map(features.float().flatten(0, 1), fractions, self.feature_grid, params.flip)
+            sample["teacher_features"] = grid.view(*features.shape[:2], *grid.shape[-2:]).to(torch.float16)
+        return self._select(sample)
 
     def blank_sample(self) -> dict[str, torch.Tensor]:
-        size = self.transform.student_size
-        return self._select({**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)})
+        size, grid = self.transform.student_size, self.feature_grid
+        sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
+        if self.with_features:
+            layers, channels = self._feature_shape()
+            sample["teacher_features"] = torch.zeros(layers, channels, grid, grid, dtype=torch.float16)
+        return self._select(sample)
+
+    def _feature_shape(self) -> tuple[int, int]:
+        """(layers, channels) of the stored features, read once from any readable photo's entry."""
+        if not hasattr(self, "_features_shape"):
+            for path in self.paths:
+                entry = self.cache.index.get(relative_key(path, self.cache.train_dir), {})
+                if entry.get("shard"):
+                    shape = self.cache._shard(entry["shard"]).get_slice(f"{entry['hash']}.features").get_shape()
+                    self._features_shape = (shape[0], shape[1])
+                    break
+        return self._features_shape
 
     def describe(self, index: int, error: Exception) -> str:
         if isinstance(error, (StaleCacheError, CacheReadError)):
@@ -369,7 +412,7 @@ class CachedTeacherDataset(UnlabeledImageDataset):
 
 def crop_map(disparity: torch.Tensor, fractions: tuple[float, float, float, float], size: int,
              flip: bool) -> torch.Tensor:
-    """(1, H, W) map of a whole photo -> (1, size, size) map of the region `fractions` (left,
+    """(C, H, W) map of a whole photo -> (C, size, size) map of the region `fractions` (left,
     upper, right, lower, as fractions of the photo), bilinear, then mirrored if `flip`.
 
     Output pixel centres are placed in the region as the views' resize places them, and sampled

@@ -18,9 +18,18 @@ def _positive(value) -> bool:
 def test_train_step_times_live_and_cached_steps(tmp_path):
     path = tmp_path / "train_step.json"
     train_step.main([*TINY_SIZES, "--tiny", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
-                     "--variants", "live,cached", "--json", str(path)])
+                     "--variants", "live,cached,live_features,cached_features", "--json", str(path)])
     figures = json.loads(path.read_text())
     assert _positive(figures["cached_speedup_vs_live"]) and _positive(figures["cached_speedup_vs_live_excluding_data"])
+    assert _positive(figures["cached_speedup_vs_live_default_recipe"])
+    # The default recipe's term from the cache: the feature loss on, no teacher forward at all.
+    live_default, cached_default = figures["variants"]["live_features"], figures["variants"]["cached_features"]
+    assert cached_default["loss_weights"] == live_default["loss_weights"] == {"silog": 1.0, "gradient": 0.5,
+                                                                               "feature": 0.1}
+    assert cached_default["ms_per_step"]["teacher_forward"] == 0 < live_default["ms_per_step"]["teacher_forward"]
+    storage = figures["cache_mb_per_photo"]
+    assert storage["depth"] == 2 * 42 ** 2 / 1e6 and storage["features"] > 0
+    assert math.isclose(storage["total"], storage["depth"] + storage["features"])
     live, cached = figures["variants"]["live"], figures["variants"]["cached"]
     assert live["dataset"] == "UnlabeledImageDataset" and cached["dataset"] == "CachedTeacherDataset"
     # The comparison is fair: the same depth-only loss on both sides.
@@ -141,7 +150,9 @@ def test_gpu_check_in_tiny_mode_writes_every_section(tmp_path):
     assert _positive(figures["teacher"]["ways"]["fp32"]["photos_per_s"])
     assert set(figures["step"]["variants"]) == {"live", "cached"}
     assert figures["step"]["variants"]["live"]["host_syncs_per_step"] == 1
-    assert _positive(figures["data_pipeline"]["pipeline_vs_step"])
+    ratios = figures["data_pipeline"]["pipeline_vs_step"]
+    assert set(ratios) == {"folder", "shards_cpu_decode", "shards_device_decode"}
+    assert all(_positive(ratio) for by_variant in ratios.values() for ratio in by_variant.values())
     resume = figures["resume"]
     assert resume["exit_codes"]["killed"] != 0 and resume["exit_codes"]["resumed"] == 0
     assert resume["bit_identical"] and resume["max_abs_diff"] == 0.0  # on the CPU, as the resume tests show

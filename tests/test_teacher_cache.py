@@ -74,8 +74,10 @@ def test_cache_holds_fp16_shards_index_and_meta(built, tiny_teacher):
     cfg, paths, cache_dir, summary = built
     assert summary["num_images"] == 3 and summary["num_skipped"] == 0
     meta = json.loads((cache_dir / "meta.json").read_text())
+    # The demo recipe has a feature term, so the teacher's features are stored beside its depth.
     assert meta == {"version": 1, "teacher": "tiny", "teacher_config_hash": teacher_config_hash(tiny_teacher),
-                    "cache_size": TEACHER, "train_dir": str(cfg.data.train_dir), "num_images": 3, "num_skipped": 0}
+                    "cache_size": TEACHER, "train_dir": str(cfg.data.train_dir), "num_images": 3, "num_skipped": 0,
+                    "feature_layers": tiny_teacher.feature_layers}
     index = json.loads((cache_dir / "index.json").read_text())
     assert sorted(index) == [p.name for p in paths]
     for path in paths:
@@ -84,7 +86,10 @@ def test_cache_holds_fp16_shards_index_and_meta(built, tiny_teacher):
         assert (entry["height"], entry["width"]) == (SIDE, SIDE)
         with safe_open(str(cache_dir / entry["shard"]), framework="pt") as shard:
             stored = shard.get_tensor(entry["hash"])
+            features = shard.get_tensor(entry["hash"] + ".features")
         assert stored.dtype == torch.float16 and stored.shape == (1, TEACHER, TEACHER)
+        grid = TEACHER // 14
+        assert features.dtype == torch.float16 and features.shape == (4, tiny_teacher.feature_channels[0], grid, grid)
     assert summary["megabytes"] == pytest.approx(sum(p.stat().st_size for p in cache_dir.glob("shard_*")) / 1e6)
     assert not list(cache_dir.glob(".tmp_*"))
 
@@ -149,6 +154,34 @@ def test_forced_flip_flips_target_and_photo_alike(built, tiny_teacher):
     torch.testing.assert_close(flipped["teacher_disparity"], plain["teacher_disparity"].flip(-1))
     torch.testing.assert_close(flipped["student_image"], plain["student_image"].flip(-1))
     assert not torch.allclose(flipped["teacher_disparity"], plain["teacher_disparity"], atol=FP16_ATOL, rtol=0)
+
+
+def test_stored_features_equal_the_live_teachers_and_follow_the_flip(built, tiny_teacher):
+    """The default recipe's feature term from the cache: for an unaugmented crop, the live
+    teacher's features of the view, to fp16 rounding; a flip mirrors them on the patch grid."""
+    cfg, paths, _, _ = built
+    cache = open_cache(cfg, tiny_teacher, paths, with_features=True)
+    plain = CachedTeacherDataset(paths, _plain(), cache, with_teacher_image=True, with_features=True)
+    flipped = CachedTeacherDataset(paths, _plain(hflip_prob=1.0), cache, with_teacher_image=False, with_features=True)
+    for index in range(len(paths)):
+        sample = plain[index]
+        live = torch.stack(tiny_teacher(sample["teacher_image"][None]).features, 1)[0]  # (layers, C, 3, 3)
+        stored = sample["teacher_features"]
+        assert stored.dtype == torch.float16 and stored.shape == live.shape
+        torch.testing.assert_close(stored.float(), live, atol=2e-3 * live.abs().max().item(), rtol=1e-3)
+        torch.testing.assert_close(flipped[index]["teacher_features"], stored.flip(-1))
+        assert (live - live.flip(-1)).abs().max() > 0.1 * live.abs().max()  # a misplaced grid would fail
+
+
+def test_a_cache_without_features_is_refused_for_a_feature_term(tmp_path, tiny_teacher):
+    paths = _square_photos(tmp_path / "photos", count=1)
+    depth_only = _config(tmp_path / "photos", "distill.cache_features=drop")
+    build_cache(depth_only, tmp_path / "cache", teacher=tiny_teacher)
+    cfg = _config(tmp_path / "photos", f"distill.teacher_cache={tmp_path / 'cache'}")
+    with pytest.raises(StaleCacheError, match="holds no teacher features, but this run's feature term needs layers "
+                                              r"\[1, 2, 3, 4\].*or set distill.cache_features=live"):
+        open_cache(cfg, tiny_teacher, paths, with_features=True)
+    open_cache(cfg, tiny_teacher, paths)  # depth alone is there
 
 
 def test_same_crops_as_the_uncached_dataset(built, tiny_teacher):

@@ -346,6 +346,11 @@ def test_training_from_the_teacher_cache(tmp_path, photo_dir):
     events = scalar_events(run_dir)
     assert "train/silog" in events and "train/feature" not in events
     assert dict(events["train/bad_images"])[3] >= 1  # the broken photo, met and counted
+    # The default recipe's feature term reads the teacher's features stored with the cache: no teacher runs.
+    stored = run_trainer(tiny_run_args(tmp_path / "stored", photo_dir, "train.max_steps=3",
+                                       f"distill.teacher_cache={cache}"))
+    assert "targets: depth and features from the teacher cache" in stored.stdout
+    assert "train/feature" in scalar_events(tmp_path / "stored")
     # A cache made for another teacher resolution is refused before training starts.
     stale = run_trainer(tiny_run_args(tmp_path / "stale", photo_dir, "data.teacher_size=56",
                                       f"distill.teacher_cache={cache}"), check=False)

@@ -99,10 +99,11 @@ class DistillConfig:
     # teacher's feature layers for the feature and attention terms.
     student_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     # Folder written by `python -m trainer.train.cache_teacher`: depth targets are read from it instead
-    # of running the teacher. Feature/attention terms then need the live teacher ("live") or are
+    # of running the teacher. Feature/attention terms then read the teacher's feature maps from the
+    # cache too ("stored": the writer stores them), run the live teacher's backbone ("live"), or are
     # dropped ("drop"; not "off", which YAML reads as false).
     teacher_cache: Optional[str] = None
-    cache_features: str = "live"
+    cache_features: str = "stored"
 
 
 @dataclass
@@ -295,6 +296,19 @@ def _implied_by_older_versions(saved: Path) -> list[str]:
     return [] if "decoder" in student else ["student.decoder=dpt"]
 
 
+CACHE_FEATURES = ("stored", "live", "drop")
+
+
+def feature_terms_on(cfg: Config) -> bool:
+    """The recipe matches the teacher's features (feature or attention term)."""
+    return cfg.distill.weights.feature > 0 or cfg.distill.weights.attention > 0
+
+
+def cache_stores_features(cfg: Config) -> bool:
+    """A teacher cache written for this recipe holds the teacher's feature maps beside its depth."""
+    return feature_terms_on(cfg) and cfg.distill.cache_features == "stored"
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"bad value for config key '{key}': {message}")
@@ -349,7 +363,7 @@ def validate(cfg: Config) -> None:
     _check_choice(ds.ssi_kind, "distill.ssi_kind", ("l1", "mse"))
     _check_choice(ds.pixel_kind, "distill.pixel_kind", ("mse", "l1"))
     _check(0.0 <= ds.silog_lam <= 1.0, "distill.silog_lam", "must be in [0, 1]")
-    _check_choice(ds.cache_features, "distill.cache_features", ("live", "drop"))
+    _check_choice(ds.cache_features, "distill.cache_features", CACHE_FEATURES)
     _check(ds.gradient_scales >= 1, "distill.gradient_scales", "must be >= 1")
     weights = dataclasses.asdict(ds.weights)
     for name, weight in weights.items():

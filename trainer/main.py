@@ -220,7 +220,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
         student.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         student.compile()
-    module = build_module(cfg, student, teacher, with_features=targets.runs_teacher)
+    module = build_module(cfg, student, teacher, with_features=targets.has_features)
     optimizer = build_optimizer(cfg, module)
     train_loader, val_loader, labeled_loader = build_loaders(cfg, accelerator, train, val, labeled)
     progress = Progress()

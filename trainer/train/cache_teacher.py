@@ -5,6 +5,8 @@
 
 Training with `distill.teacher_cache=DIR` then reads the maps instead of running the teacher every
 step. The maps are of the whole photo at data.teacher_size; the trainer crops them like the photo.
+When the recipe has a feature term and `distill.cache_features` is `stored` (the default), the
+teacher's feature maps on its patch grid are stored too, so the step runs no teacher at all.
 DIR must be missing, empty or a previous cache (which is replaced); any other folder is refused.
 """
 
@@ -29,7 +31,7 @@ from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, 
                                 check_cache_dir, clear_cache, train_val_paths, write_index)
 from modeling import DepthAnythingTeacher, TeacherLoadError
 from trainer.console import ArgumentParser
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, cache_stores_features, load_config
 from trainer.train.distill import build_teacher
 
 logger = logging.getLogger(__name__)
@@ -57,10 +59,13 @@ def teacher_config_hash(teacher: DepthAnythingTeacher) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_cache(cfg: Config, teacher: DepthAnythingTeacher, train_paths: list[Path]) -> TeacherCache:
-    """The cache at `distill.teacher_cache`, checked against this run's teacher, size and photos."""
+def open_cache(cfg: Config, teacher: DepthAnythingTeacher, train_paths: list[Path],
+               with_features: bool = False) -> TeacherCache:
+    """The cache at `distill.teacher_cache`, checked against this run's teacher, size and photos
+    (and, `with_features`, holding the feature maps of the teacher's distilled layers)."""
     return TeacherCache.open(cfg.distill.teacher_cache, cfg.teacher.name, teacher_config_hash(teacher),
-                             cfg.data.teacher_size, train_paths, cfg.data.train_dir)
+                             cfg.data.teacher_size, train_paths, cfg.data.train_dir,
+                             feature_layers=teacher.feature_layers if with_features else None)
 
 
 def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accelerator] = None,
@@ -76,6 +81,7 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
     except (FileNotFoundError, ValueError) as error:  # a missing or empty folder
         raise ConfigError(f"data.train_dir: {error}") from None
     check_cache_dir(cache_dir)  # on every process, so all of them stop together on a refusal
+    with_features = cache_stores_features(cfg)
     teacher = teacher or build_teacher(cfg)
     fingerprint = teacher_config_hash(teacher)  # of the weights as loaded, before any half-precision cast
     teacher.place(accelerator.device, accelerator.mixed_precision)
@@ -92,11 +98,14 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
             valid = batch["valid"]
             if valid.any():
                 with torch.no_grad(), accelerator.autocast():
-                    disparity = teacher(batch["image"][valid].to(accelerator.device)).disparity  # (b, 1, S, S)
-                maps = iter(disparity.to(torch.float16).cpu())
+                    out = teacher(batch["image"][valid].to(accelerator.device))  # disparity (b, 1, S, S)
+                maps = iter(out.disparity.to(torch.float16).cpu())
+                # (b, layers, C, S/14, S/14): the teacher's features of the whole photo on its patch grid
+                features = iter(torch.stack(out.features, 1).to(torch.float16).cpu()) if with_features else None
             for i, key in enumerate(batch["key"]):
                 if valid[i]:
-                    writer.add(key, batch["hash"][i], int(batch["height"][i]), int(batch["width"][i]), next(maps))
+                    writer.add(key, batch["hash"][i], int(batch["height"][i]), int(batch["width"][i]), next(maps),
+                               next(features) if with_features else None)
                 else:
                     writer.skip(key, batch["hash"][i])
                     # Each photo is in one process's share and met once: one line per bad photo.
@@ -107,16 +116,20 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
     entries = {key: entry for share_entries, _ in shares for key, entry in share_entries.items()}
     num_skipped = sum(entry["shard"] is None for entry in entries.values())
     summary = {"num_images": len(entries) - num_skipped, "num_skipped": num_skipped,
-               "megabytes": sum(size for _, size in shares) / 1e6}
+               "megabytes": sum(size for _, size in shares) / 1e6, "features": with_features}
+    summary["megabytes_per_image"] = summary["megabytes"] / max(1, summary["num_images"])
     if accelerator.is_main_process:
         write_index(cache_dir, entries, {
             "teacher": cfg.teacher.name, "teacher_config_hash": fingerprint,
             "cache_size": d.teacher_size, "train_dir": str(d.train_dir),
+            "feature_layers": teacher.feature_layers if with_features else None,
             "num_images": summary["num_images"], "num_skipped": num_skipped})
     accelerator.wait_for_everyone()
     summary["seconds"] = time.perf_counter() - start
-    accelerator.print(f"teacher cache {cache_dir}: {summary['num_images']} images cached, {num_skipped} unreadable "
-                      f"skipped, {summary['megabytes']:.1f} MB written in {summary['seconds']:.1f} s")
+    what = "depth and features" if with_features else "depth"
+    accelerator.print(f"teacher cache {cache_dir}: {what} of {summary['num_images']} images cached, {num_skipped} "
+                      f"unreadable skipped, {summary['megabytes']:.1f} MB written "
+                      f"({summary['megabytes_per_image']:.2f} MB an image) in {summary['seconds']:.1f} s")
     return summary
 
 

@@ -21,7 +21,7 @@ from data import (CachedTeacherDataset, EvalTransform, LabeledDepthDataset, Trai
 from data.datasets import _decode_max_side
 from data.shards import ShardPhotoDataset, ShardSet, ShardsError, collate_encoded
 from trainer.train.cache_teacher import open_cache
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, feature_terms_on
 from trainer.console import plural, say
 from trainer.errors import RunError
 
@@ -31,6 +31,7 @@ class Targets(Enum):
     datasets, the loss and the step all follow this one decision."""
 
     LIVE = "the live teacher (depth and features)"
+    CACHED = "depth and features from the teacher cache"
     CACHED_DEPTH_LIVE_FEATURES = "depth from the teacher cache, features from the live teacher"
     CACHED_DEPTH = "depth from the teacher cache; feature terms off"
 
@@ -38,14 +39,18 @@ class Targets(Enum):
     def of(cls, cfg: Config) -> "Targets":
         if not cfg.distill.teacher_cache:
             return cls.LIVE
-        w = cfg.distill.weights
-        if (w.feature > 0 or w.attention > 0) and cfg.distill.cache_features == "live":
-            return cls.CACHED_DEPTH_LIVE_FEATURES
-        return cls.CACHED_DEPTH
+        if not feature_terms_on(cfg) or cfg.distill.cache_features == "drop":
+            return cls.CACHED_DEPTH
+        return cls.CACHED if cfg.distill.cache_features == "stored" else cls.CACHED_DEPTH_LIVE_FEATURES
 
     @property
     def runs_teacher(self) -> bool:
         """The teacher runs in the step (and the batch carries its input view)."""
+        return self in (Targets.LIVE, Targets.CACHED_DEPTH_LIVE_FEATURES)
+
+    @property
+    def has_features(self) -> bool:
+        """The step has the teacher's features to match (live or stored)."""
         return self is not Targets.CACHED_DEPTH
 
 
@@ -170,8 +175,9 @@ def build_datasets(cfg: Config, teacher, targets: Targets, photos: Photos):
         if targets is Targets.LIVE:
             train_photos = UnlabeledImageDataset(photos.train, augment)
         else:
-            cache = open_cache(cfg, teacher, photos.train)
-            train_photos = CachedTeacherDataset(photos.train, augment, cache, with_teacher_image=targets.runs_teacher)
+            cache = open_cache(cfg, teacher, photos.train, with_features=targets is Targets.CACHED)
+            train_photos = CachedTeacherDataset(photos.train, augment, cache, with_teacher_image=targets.runs_teacher,
+                                                with_features=targets is Targets.CACHED)
         val = UnlabeledImageDataset(photos.val, plain) if photos.val else None
     train = EpochSeededDataset(train_photos, cfg.seed)
     labeled = None

@@ -196,6 +196,9 @@ class DistillationStep:
         `self.targets` says: the live teacher, the cache, or both."""
         if self.targets is Targets.CACHED_DEPTH:
             return readable(batch["teacher_disparity"]), None
+        if self.targets is Targets.CACHED:  # (B, layers, C, h, w) fp16 -> a float map per layer
+            features = readable(batch["teacher_features"]).float()
+            return readable(batch["teacher_disparity"]), list(features.unbind(1))
         with torch.no_grad(), self.accelerator.autocast():
             live = self.teacher(readable(batch["teacher_image"]), output_size=size)
         if self.targets is Targets.LIVE:
