@@ -24,8 +24,8 @@ def test_train_step_times_live_and_cached_steps(tmp_path):
     assert _positive(figures["cached_speedup_vs_live_default_recipe"])
     # The default recipe's term from the cache: the feature loss on, no teacher forward at all.
     live_default, cached_default = figures["variants"]["live_features"], figures["variants"]["cached_features"]
-    assert cached_default["loss_weights"] == live_default["loss_weights"] == {"silog": 1.0, "gradient": 0.5,
-                                                                               "feature": 0.1}
+    default_weights = {"silog": 1.0, "gradient": 0.5, "feature": 0.1}
+    assert cached_default["loss_weights"] == live_default["loss_weights"] == default_weights
     assert cached_default["ms_per_step"]["teacher_forward"] == 0 < live_default["ms_per_step"]["teacher_forward"]
     storage = figures["cache_mb_per_photo"]
     assert storage["depth"] == 2 * 42 ** 2 / 1e6 and storage["features"] > 0
