@@ -305,21 +305,18 @@ class ShardPhotoDataset(UnlabeledImageDataset):
         return f"undecodable JPEG in shard ({first_line(error)})"
 
     def unreadable_reason(self, index: int) -> str:
-        """Why photo `index` comes out invalid, or "": read and decoded again here as the training
-        path decodes it (libjpeg-turbo through torchvision, which is stricter than PIL)."""
+        """Why photo `index` comes out invalid, or "": read and decoded again here, as training
+        decodes it (libjpeg-turbo through torchvision, stricter than PIL, for training photos)."""
         try:
-            data = self.shards.read(self.photos[index])
-            if isinstance(self.transform, EvalTransform):
-                load_rgb(io.BytesIO(data))
-            else:
-                check_jpeg(data)
-                decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            loaded = self.load(index)
+            if self.decode_on == "device" and isinstance(self.transform, TrainTransform):
+                decode_jpeg(torch.from_numpy(loaded[0].copy()), mode=ImageReadMode.RGB)
         except Exception as error:
             return self.describe(index, error)
         return ""
 
     @property
-    def renders_on_device(self) -> bool:
+    def finishes_on_device(self) -> bool:
         """Batches need `finish_batch` on the device: encoded photos, or uint8 views to normalise."""
         return isinstance(self.transform, TrainTransform)
 

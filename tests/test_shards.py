@@ -129,6 +129,20 @@ def test_prepare_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, p
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
+def test_two_writer_processes_write_every_photo_once(tmp_path, photo_dir):
+    out = tmp_path / "shards"
+    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.prepare_shards", "--config", DEMO,
+                             "--out", str(out), f"data.train_dir={photo_dir}", *SIZES, "data.val_fraction=0"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("shards ") == 1  # the summary, once
+    photos = ShardSet.open(out).photos["train"]
+    assert sorted(photo.path for photo in photos) == sorted(path.name for path in photo_dir.iterdir())
+    assert len({photo.shard for photo in photos}) == 4  # 4 photos: one a shard (16 for 2 writers, capped)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data.shards=/nowhere/shards"], "data.shards: folder '/nowhere/shards' does not exist"),
     (["data.decode_on=device"], "'device' needs data.shards"),

@@ -198,7 +198,7 @@ def photo_dataset(dataset: Dataset) -> Dataset:
 def device_rendering(train: Dataset, device: torch.device) -> Optional[Callable[[dict], dict]]:
     """What turns a batch of encoded photos into views on `device`, or None when workers render."""
     photos = photo_dataset(train)
-    if not getattr(photos, "renders_on_device", False):
+    if not getattr(photos, "finishes_on_device", False):
         return None
     return functools.partial(photos.finish_batch, device=device)
 
