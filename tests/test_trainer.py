@@ -87,8 +87,12 @@ def make_labeled_set(root: Path, count: int = 3) -> Path:
 def test_end_to_end_run(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     labeled = make_labeled_set(tmp_path / "labeled")
-    run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=2", "eval.every=2",
-                              f"data.labeled_dir={labeled}"))
+    (photo_dir / "notes.txt").write_text("not a photo")
+    result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=2", "eval.every=2",
+                                       f"data.labeled_dir={labeled}"))
+    summary = result.stdout.splitlines()
+    assert summary[1] == f"  photos: 3 for training from {photo_dir}, 1 for validation (25% of them, seed 0)"
+    assert summary[2] == "  ignored (not a photo format this trainer reads): 1 .txt"
 
     assert (run_dir / "config.yaml").is_file()
     for name in ("student_best", "student_last"):

@@ -124,7 +124,7 @@ def select_photos(cfg: Config) -> Photos:
     max_side = _decode_max_side(EvalTransform(d.teacher_size, d.student_size))
     _check_readable(train, "training", d.train_dir, max_side)
     _check_readable(val, "validation", d.val_dir or d.train_dir, max_side)
-    return Photos(train, val, d.train_dir, ignored)
+    return Photos(train, val, d.train_dir, ignored=ignored)
 
 
 def _select_shards(cfg: Config) -> Photos:
