@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -129,15 +130,24 @@ def test_prepare_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, p
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, photo_dir, capsys):
+    (tmp_path / "a_file").write_text("x")
+    code = prepare_module.main(["--config", DEMO, "--out", str(tmp_path / "a_file" / "shards"),
+                                f"data.train_dir={photo_dir}", *SIZES])
+    assert code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"error: cannot write shards to {tmp_path / 'a_file' / 'shards'} (")
+
+
 def test_two_writer_processes_write_every_photo_once(tmp_path, photo_dir):
     out = tmp_path / "shards"
-    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                              "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.prepare_shards", "--config", DEMO,
                              "--out", str(out), f"data.train_dir={photo_dir}", *SIZES, "data.val_fraction=0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("shards ") == 1  # the summary, once
+    assert result.stdout.count("unreadable skipped") == 1  # the summary, from the main process only
     photos = ShardSet.open(out).photos["train"]
     assert sorted(photo.path for photo in photos) == sorted(path.name for path in photo_dir.iterdir())
     assert len({photo.shard for photo in photos}) == 4  # 4 photos: one a shard (16 for 2 writers, capped)

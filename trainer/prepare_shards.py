@@ -224,6 +224,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ShardsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a folder that cannot be made, a full disk: finished shards are kept for a re-run
+        print(f"error: cannot write shards to {args.out} ({type(error).__name__}: {error}); the shards already "
+              f"finished are kept, and a re-run continues from them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -129,9 +129,8 @@ def select_photos(cfg: Config) -> Photos:
 
 def _select_shards(cfg: Config) -> Photos:
     d = cfg.data
-    for key, folder in (("data.labeled_dir", d.labeled_dir),):
-        if folder is not None and not Path(folder).is_dir():
-            raise ConfigError(f"{key}: folder '{folder}' does not exist")
+    if d.labeled_dir is not None and not Path(d.labeled_dir).is_dir():
+        raise ConfigError(f"data.labeled_dir: folder '{d.labeled_dir}' does not exist")
     try:
         shards = ShardSet.open(d.shards)
     except ShardsError as error:
