@@ -83,8 +83,8 @@ def prepare_shards(cfg: Config, out: str | Path, max_side: Optional[int] = None,
     d = cfg.data
     max_side = max_side or 2 * max(d.teacher_size, d.student_size)
     if max_side < max(d.teacher_size, d.student_size):
-        raise ConfigError(f"--max-side {max_side} is below the training views ({d.teacher_size} px); "
-                          f"give at least {d.teacher_size}")
+        needed = max(d.teacher_size, d.student_size)
+        raise ConfigError(f"--max-side {max_side} is below the training views ({needed} px); give at least {needed}")
     if not 1 <= quality <= 100:
         raise ConfigError(f"--quality {quality} must be in 1..100")
     previous = own_files(out)  # on every process, so all stop together on a refusal
@@ -126,8 +126,8 @@ def prepare_shards(cfg: Config, out: str | Path, max_side: Optional[int] = None,
     shares = gather_object([(written, kept)])
     if accelerator.is_main_process:
         sidecars = {key: sidecar for share, _ in shares for key, sidecar in share.items()}
-        manifest = finish(cfg, out, shards, sidecars, previous, settings, photos_per_shard, changed)
-        manifest["shards_kept"] = sum(k for _, k in shares)
+        manifest = finish(cfg, out, shards, sidecars, previous, settings, photos_per_shard,
+                          {"changes_since_previous": changed, "shards_kept": sum(k for _, k in shares)})
         describe(out, manifest, time.perf_counter() - start)
     else:
         manifest = {}
@@ -136,7 +136,7 @@ def prepare_shards(cfg: Config, out: str | Path, max_side: Optional[int] = None,
 
 
 def finish(cfg: Config, out: Path, shards: dict, sidecars: dict, previous: list[Path], settings: dict,
-           photos_per_shard: int, changed: Optional[dict]) -> dict:
+           photos_per_shard: int, this_run: dict) -> dict:
     """Index and manifest from every shard's sidecar; files of an earlier plan deleted first."""
     current = {shard_name(split, number, suffix) for split, number in sidecars for suffix in ("tar", "json")}
     for path in previous:
@@ -160,7 +160,7 @@ def finish(cfg: Config, out: Path, shards: dict, sidecars: dict, previous: list[
                 "quality": settings["quality"], "photos_per_shard": photos_per_shard,
                 "source": {"train_dir": str(d.train_dir), "val_dir": d.val_dir, "val_fraction": d.val_fraction,
                            "seed": cfg.seed},
-                "changes_since_previous": changed}
+                **this_run}
     write_index_and_manifest(out, index, manifest)
     return manifest
 
