@@ -88,9 +88,13 @@ def test_inference_compares_the_presets_with_the_teacher_in_onnxruntime(tmp_path
 def test_fidelity_distils_each_preset_and_scores_it_against_the_teacher(tmp_path):
     path = tmp_path / "fidelity.json"
     fidelity.main(["--steps", "2", "--batch-size", "2", "--teacher-size", "56", "--student-size", "64",
-                   "--threads", "1", "--presets", "lean,dpt64", "--json", str(path)])
+                   "--threads", "1", "--presets", "lean,dpt64", "--targets", "live,cached,cached_depth_only",
+                   "--json", str(path)])
     figures = json.loads(path.read_text())
-    assert set(figures["presets"]) == {"lean", "dpt64"}
+    assert set(figures["presets"]) == {"lean", "dpt64", "lean+cached", "dpt64+cached", "lean+cached_depth_only",
+                                       "dpt64+cached_depth_only"}
+    assert figures["presets"]["lean+cached"]["targets"] == "depth and features from the teacher cache"
+    assert figures["presets"]["lean+cached_depth_only"]["targets"] == "depth from the teacher cache; feature terms off"
     for result in figures["presets"].values():
         # The seeded split of the 8 sample photos: 2 held out, 6 trained on.
         assert (result["held_out"]["num_images"], result["training_photos"]["num_images"]) == (2, 6)
