@@ -90,32 +90,36 @@ def prepare_shards(cfg: Config, out: str | Path, max_side: Optional[int] = None,
     previous = own_files(out)  # on every process, so all stop together on a refusal
     shards = plan(cfg, photos_per_shard, accelerator.num_processes)
     settings = {"max_side": max_side, "quality": quality, "format": 1}
-    sources = {split: [[(relative_key(path, source_root(cfg, split)), *source_stat(path)) for path in paths]
-                       for paths in shards[split]] for split in SPLITS}
-    changed = None
+    every = [(split, number) for split in SPLITS for number in range(len(shards[split]))]
+    mine = every[accelerator.process_index::accelerator.num_processes]
+
+    def listing(split: str, number: int) -> list[tuple[str, int, int]]:
+        """(path relative to its folder, size, mtime_ns) of each photo of one shard: one stat a photo."""
+        return [(relative_key(path, source_root(cfg, split)), *source_stat(path)) for path in shards[split][number]]
+
+    # Each process stats its own shards' photos; the main process stats them all only to compare
+    # with an earlier run (its own shards then reuse that listing).
+    before = sources_of(previous) if accelerator.is_main_process else {}
+    sources = {key: listing(*key) for key in (every if before else mine)}
+    changed = changes(before, {(split, key): (size, mtime) for (split, _), entries in sources.items()
+                               for key, size, mtime in entries}) if before else None
     if accelerator.is_main_process:
-        before = sources_of(previous)
-        if before:
-            changed = changes(before, {(split, key): (size, mtime) for split in SPLITS
-                                       for listing in sources[split] for key, size, mtime in listing})
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete from here until the new manifest
     accelerator.wait_for_everyone()
 
-    mine = [(split, number) for split in SPLITS for number in range(len(shards[split]))]
-    mine = mine[accelerator.process_index::accelerator.num_processes]
     written, kept = {}, 0
     bar = tqdm(total=sum(len(shards[s][n]) for s, n in mine), desc="prepare shards", unit="photo",
                disable=not accelerator.is_local_main_process)
     for split, number in mine:
-        paths, listing = shards[split][number], sources[split][number]
-        fingerprint = plan_fingerprint(settings, listing)
+        paths, entries = shards[split][number], sources[(split, number)]
+        fingerprint = plan_fingerprint(settings, entries)
         sidecar = reusable_shard(out, split, number, fingerprint)
         if sidecar is None:
             loader = DataLoader(EncodeSource(paths, max_side, quality), batch_size=None, num_workers=d.num_workers)
             serial = sum(len(s) for s in shards[split][:number])  # unique keys within the split
             members = [{"path": key, "serial": serial + i, "source": [size, mtime], **encoded}
-                       for i, ((key, size, mtime), encoded) in enumerate(zip(listing, loader))]
+                       for i, ((key, size, mtime), encoded) in enumerate(zip(entries, loader))]
             sidecar = write_shard(out, split, number, fingerprint, members)
         else:
             kept += 1
