@@ -260,8 +260,10 @@ class TeacherCache:
     """Read side of a cache folder. Shards are opened lazily, once per process: a handle made in
     the main process is never used by a DataLoader worker."""
 
-    def __init__(self, cache_dir: Path, index: dict[str, dict], cache_size: int, train_dir: Path):
+    def __init__(self, cache_dir: Path, index: dict[str, dict], cache_size: int, train_dir: Path,
+                 feature_shape: Optional[tuple[int, int]] = None):
         self.cache_dir, self.index, self.cache_size, self.train_dir = cache_dir, index, cache_size, train_dir
+        self.feature_shape = feature_shape  # (layers, channels) of the stored features, when a run reads them
         self._handles: dict[str, Any] = {}
         self._pid: Optional[int] = None
 
@@ -301,7 +303,8 @@ class TeacherCache:
         if absent:
             raise StaleCacheError(f"teacher cache {cache_dir} lacks {len(absent)} shard file(s) "
                                   f"(first: {absent[0]}); {rebuild}")
-        return cls(cache_dir, index, cache_size, Path(train_dir))
+        feature_shape = None if feature_layers is None else (len(feature_layers), meta["feature_channels"])
+        return cls(cache_dir, index, cache_size, Path(train_dir), feature_shape)
 
     def __getstate__(self) -> dict:
         # Spawned DataLoader workers unpickle the cache: handles never travel, each process opens its own.
@@ -384,20 +387,8 @@ class CachedTeacherDataset(UnlabeledImageDataset):
         size, grid = self.transform.student_size, self.feature_grid
         sample = {**_blank_views(self.transform), "teacher_disparity": torch.zeros(1, size, size)}
         if self.with_features:
-            layers, channels = self._feature_shape()
-            sample["teacher_features"] = torch.zeros(layers, channels, grid, grid, dtype=torch.float16)
+            sample["teacher_features"] = torch.zeros(*self.cache.feature_shape, grid, grid, dtype=torch.float16)
         return self._select(sample)
-
-    def _feature_shape(self) -> tuple[int, int]:
-        """(layers, channels) of the stored features, read once from any readable photo's entry."""
-        if not hasattr(self, "_features_shape"):
-            for path in self.paths:
-                entry = self.cache.index.get(relative_key(path, self.cache.train_dir), {})
-                if entry.get("shard"):
-                    shape = self.cache._shard(entry["shard"]).get_slice(f"{entry['hash']}.features").get_shape()
-                    self._features_shape = (shape[0], shape[1])
-                    break
-        return self._features_shape
 
     def describe(self, index: int, error: Exception) -> str:
         if isinstance(error, (StaleCacheError, CacheReadError)):

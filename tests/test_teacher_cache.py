@@ -77,7 +77,8 @@ def test_cache_holds_fp16_shards_index_and_meta(built, tiny_teacher):
     # The demo recipe has a feature term, so the teacher's features are stored beside its depth.
     assert meta == {"version": 1, "teacher": "tiny", "teacher_config_hash": teacher_config_hash(tiny_teacher),
                     "cache_size": TEACHER, "train_dir": str(cfg.data.train_dir), "num_images": 3, "num_skipped": 0,
-                    "feature_layers": tiny_teacher.feature_layers}
+                    "feature_layers": tiny_teacher.feature_layers,
+                    "feature_channels": tiny_teacher.feature_channels[0]}
     index = json.loads((cache_dir / "index.json").read_text())
     assert sorted(index) == [p.name for p in paths]
     for path in paths:
@@ -171,6 +172,8 @@ def test_stored_features_equal_the_live_teachers_and_follow_the_flip(built, tiny
         torch.testing.assert_close(stored.float(), live, atol=2e-3 * live.abs().max().item(), rtol=1e-3)
         torch.testing.assert_close(flipped[index]["teacher_features"], stored.flip(-1))
         assert (live - live.flip(-1)).abs().max() > 0.1 * live.abs().max()  # a misplaced grid would fail
+    # An unreadable photo's blank collates with the others: the same shape, from the cache's meta.
+    assert plain.blank_sample()["teacher_features"].shape == stored.shape
 
 
 def test_a_cache_without_features_is_refused_for_a_feature_term(tmp_path, tiny_teacher):

@@ -123,6 +123,8 @@ def build_cache(cfg: Config, cache_dir: str | Path, accelerator: Optional[Accele
             "teacher": cfg.teacher.name, "teacher_config_hash": fingerprint,
             "cache_size": d.teacher_size, "train_dir": str(d.train_dir),
             "feature_layers": teacher.feature_layers if with_features else None,
+            # One width for every layer: the writer stacks them, as a ViT's layers allow.
+            "feature_channels": teacher.feature_channels[0] if with_features else None,
             "num_images": summary["num_images"], "num_skipped": num_skipped})
     accelerator.wait_for_everyone()
     summary["seconds"] = time.perf_counter() - start
