@@ -44,7 +44,7 @@ from PIL import Image
 from bench.common import SAMPLES, Cycled, bench_config, format_table, machine, synchronize, write_json
 from trainer.console import comma_choices
 from trainer.prepare_shards import prepare_shards
-from trainer.train.inputs import Targets, build_datasets, build_loaders, device_rendering, select_photos
+from trainer.train.inputs import Targets, build_datasets, build_loaders, batch_finisher, select_photos
 
 PIPELINES = ("folder", "shards_cpu_decode", "shards_device_decode")
 
@@ -94,21 +94,21 @@ def measure(cfg, items: int, device: torch.device) -> dict:
     photos = select_photos(cfg)
     train, _, _ = build_datasets(cfg, None, Targets.LIVE, photos)  # no cache: no teacher
     loader, _, _ = build_loaders(cfg, Accelerator(cpu=True), Cycled(train, items), None, None)
-    finish = device_rendering(train, device)
-    render_on_device = finish is not None
+    finish = batch_finisher(train, device)
+    finishes_on_device = finish is not None
     start = time.perf_counter()
     batches = iter(loader)
     first = next(batches)
     after_first = time.perf_counter()
-    kept = [first] if render_on_device else []
+    kept = [first] if finishes_on_device else []
     count = 0
     for batch in batches:
         count += len(batch["valid"])
-        if render_on_device:
+        if finishes_on_device:
             kept.append(batch)
     end = time.perf_counter()
     figures = {"photos_per_s": count / (end - after_first), "first_batch_s": after_first - start}
-    if render_on_device:
+    if finishes_on_device:
         finish(dict(kept[0]))  # warm-up: CUDA context, nvJPEG handles
         synchronize(device)
         finished, begin = 0, time.perf_counter()

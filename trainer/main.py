@@ -37,7 +37,7 @@ from trainer.processes import check_world_size, die_with_launcher
 from trainer.ship.export import ExportError, export_student
 from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_finite, load_training_state, resume_candidates
 from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student, build_teacher
-from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders, device_rendering, select_photos
+from trainer.train.inputs import Photos, Targets, build_datasets, build_loaders, batch_finisher, select_photos
 from trainer.train.loop import (EXIT_EXPORT, EXIT_OK, EXIT_SAVE_FAILED, EXIT_SETUP, DistillationStep, Progress,
                                 Trainer, remap_epoch_position)
 from trainer.train.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_dir, holds_run, prepare_run_dir
@@ -244,7 +244,7 @@ def run(cfg: Config, resume: Optional[str], overwrite: bool, messages: list[str]
     if not resume:
         log_hparams(accelerator, cfg, labeled is not None)
     step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
-                            photos_per_step, finish_batch=device_rendering(train, accelerator.device))
+                            photos_per_step, finish_batch=batch_finisher(train, accelerator.device))
     trainer = Trainer(cfg, step, train_loader, val_loader, labeled_loader)
     with logging_redirect_tqdm():
         code = trainer.fit()

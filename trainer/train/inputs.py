@@ -194,8 +194,9 @@ def photo_dataset(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def device_rendering(train: Dataset, device: torch.device) -> Optional[Callable[[dict], dict]]:
-    """What turns a batch of encoded photos into views on `device`, or None when workers render."""
+def batch_finisher(train: Dataset, device: torch.device) -> Optional[Callable[[dict], dict]]:
+    """What turns a batch from the workers into the step's views on `device` (shards: uint8 views
+    normalised, or encoded photos decoded and rendered), or None when the workers hand over finished views."""
     photos = photo_dataset(train)
     if not getattr(photos, "finishes_on_device", False):
         return None
