@@ -27,7 +27,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import fsspec
 import numpy as np
@@ -39,7 +39,7 @@ from trainer.errors import first_line
 
 from .datasets import UnlabeledImageDataset, _blank_views
 from .images import describe_unreadable, load_rgb
-from .teacher_cache import FOLDER_LITTER, TMP_PREFIX, new_file_mode
+from .teacher_cache import FOLDER_LITTER, TMP_PREFIX, new_file_mode, write_json_atomically
 from .transforms import CropParams, EvalTransform, TrainTransform, normalize_views
 
 SHARDS_VERSION = 1
@@ -115,7 +115,7 @@ def write_shard(folder: Path, split: str, number: int, plan: str, members: Seque
     os.replace(tmp, folder / name)
     sidecar = {"plan": plan, "tar_bytes": (folder / name).stat().st_size, "samples": samples,
                "skipped": [[m["path"], m["reason"]] for m in members if "jpeg" not in m]}
-    _write_json(folder / shard_name(split, number, "json"), sidecar)
+    write_json_atomically(folder / shard_name(split, number, "json"), sidecar)
     return sidecar
 
 
@@ -131,17 +131,10 @@ def reusable_shard(folder: Path, split: str, number: int, plan: str) -> Optional
     return sidecar if complete else None
 
 
-def _write_json(path: Path, content: Any, indent: Optional[int] = None) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    tmp.write_text(json.dumps(content, indent=indent, sort_keys=True))
-    os.chmod(tmp, new_file_mode())
-    os.replace(tmp, path)
-
-
 def write_index_and_manifest(folder: Path, index: dict[str, list], manifest: dict) -> None:
     """The index, then the manifest, each atomically: the folder is complete once the manifest is there."""
-    _write_json(folder / INDEX_FILE, index)
-    _write_json(folder / MANIFEST_FILE, {"version": SHARDS_VERSION, **manifest}, indent=1)
+    write_json_atomically(folder / INDEX_FILE, index)
+    write_json_atomically(folder / MANIFEST_FILE, {"version": SHARDS_VERSION, **manifest}, indent=1)
 
 
 # --- the folder a writer may use -------------------------------------------------------------------

@@ -248,12 +248,17 @@ def clear_cache(cache_dir: str | Path) -> None:
 def write_index(cache_dir: str | Path, entries: dict[str, dict], meta: dict) -> None:
     """Index, then meta, each through a temporary file and a rename: a crash at any point leaves
     either the complete cache or one without meta.json, never a half-written file."""
-    for name, content in ((INDEX_FILE, entries), (META_FILE, {"version": CACHE_VERSION, **meta})):
-        path = Path(cache_dir) / name
-        tmp = path.with_name(f"{TMP_PREFIX}{name}")
-        tmp.write_text(json.dumps(content, indent=1 if name == META_FILE else None, sort_keys=True))
-        os.chmod(tmp, new_file_mode())  # what write_text gave it, unless a previous tmp file lingered
-        os.replace(tmp, path)
+    write_json_atomically(Path(cache_dir) / INDEX_FILE, entries)
+    write_json_atomically(Path(cache_dir) / META_FILE, {"version": CACHE_VERSION, **meta}, indent=1)
+
+
+def write_json_atomically(path: Path, content: Any, indent: Optional[int] = None) -> None:
+    """`content` as JSON (sorted keys) at `path`, through a temporary file and a rename: readers
+    see the old file or the whole new one, never a half-written one."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    tmp.write_text(json.dumps(content, indent=indent, sort_keys=True))
+    os.chmod(tmp, new_file_mode())  # what write_text gave it, unless a previous tmp file lingered
+    os.replace(tmp, path)
 
 
 class TeacherCache:
