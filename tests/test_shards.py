@@ -130,6 +130,22 @@ def test_prepare_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, p
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
+def test_two_writer_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path, photo_dir):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.prepare_shards", "--config", DEMO,
+                             "--out", str(out), f"data.train_dir={photo_dir}", *SIZES],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out} holds files that are not photo shards (e.g. notes.txt); choose an empty or "
+                      f"new --out"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, photo_dir, capsys):
     (tmp_path / "a_file").write_text("x")
     code = prepare_module.main(["--config", DEMO, "--out", str(tmp_path / "a_file" / "shards"),

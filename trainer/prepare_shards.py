@@ -34,7 +34,7 @@ from data.shards import (INDEX_FILE, MANIFEST_FILE, SPLITS, ShardsError, own_fil
                          write_index_and_manifest, write_shard)
 from data.teacher_cache import relative_key, train_val_paths
 from trainer.config import Config, ConfigError, load_config
-from trainer.console import ArgumentParser, plural
+from trainer.console import ArgumentParser, plural, print_error
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def prepare_shards(cfg: Config, out: str | Path, max_side: Optional[int] = None,
     sources = {key: listing(*key) for key in (every if before else mine)}
     changed = changes(before, {(split, key): (size, mtime) for (split, _), entries in sources.items()
                                for key, size, mtime in entries}) if before else None
+    out.mkdir(parents=True, exist_ok=True)  # on every process: a folder that cannot be made stops them all alike
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete from here until the new manifest
     accelerator.wait_for_everyone()
 
@@ -225,12 +225,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"--photos-per-shard {args.photos_per_shard} must be >= 1")
         cfg = load_config(args.config, args.overrides)
         prepare_shards(cfg, args.out, args.max_side, args.quality, args.photos_per_shard)
-    except (ConfigError, ShardsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, ShardsError) as error:  # found alike by every process, before any writing
+        print_error(str(error), agreed=True)
         return 1
     except OSError as error:  # a folder that cannot be made, a full disk: finished shards are kept for a re-run
-        print(f"error: cannot write shards to {args.out} ({type(error).__name__}: {error}); the shards already "
-              f"finished are kept, and a re-run continues from them", file=sys.stderr)
+        print_error(f"cannot write shards to {args.out} ({type(error).__name__}: {error}); the shards already "
+                    f"finished are kept, and a re-run continues from them")
         return 1
     return 0
 
