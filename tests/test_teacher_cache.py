@@ -469,3 +469,23 @@ def test_cli_reports_each_user_mistake_in_one_line(tmp_path, capsys, monkeypatch
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and expected in error and len(error.splitlines()) == 1, error
     assert _tree(photos) == before
+
+
+def test_two_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    _square_photos(tmp_path / "photos", count=2)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.train.cache_teacher", "--cache-dir",
+                             str(out), "--config", str(Path(__file__).parents[1] / "trainer/configs/demo.yaml"),
+                             f"data.train_dir={tmp_path / 'photos'}"],
+                            cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out} holds files that are not a teacher cache; choose an empty or new --cache-dir"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, StaleCacheError, TeacherCache,
                                 check_cache_dir, clear_cache, train_val_paths, write_index)
 from modeling import DepthAnythingTeacher, TeacherLoadError
-from trainer.console import ArgumentParser
+from trainer.console import ArgumentParser, print_error
 from trainer.config import Config, ConfigError, cache_stores_features, load_config
 from trainer.train.distill import build_teacher
 
@@ -153,7 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError("no cache folder: pass --cache-dir DIR or set distill.teacher_cache")
         build_cache(cfg, cache_dir)
     except (ConfigError, TeacherLoadError, StaleCacheError, CacheDirError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Found alike by every process (the folder check runs on each), so said once, not once a process.
+        print_error(str(error), agreed=True)
         return 1
     return 0
 
