@@ -1,9 +1,13 @@
-"""ONNX export of the student, verified against PyTorch with onnxruntime.
+"""Export of the student, verified against PyTorch: ONNX (checked with onnxruntime), a web page
+that runs it in the browser (onnxruntime-web), or a LiteRT / TFLite file (checked with the LiteRT
+interpreter).
 
     python -m trainer.ship.export --checkpoint runs/demo/student_best [--output student.onnx] [--size 256]
         [--atol 1e-3] [--overwrite]
+    python -m trainer.ship.export --checkpoint runs/demo/student_best --web runs/demo/web [--overwrite]
+    python -m trainer.ship.export --checkpoint runs/demo/student_best --format tflite [--output student.tflite]
 
-The file takes any batch and, when the export size is a multiple of the student's input multiple
+The ONNX file takes any batch and, when the export size is a multiple of the student's input multiple
 (64 for MobileViT-XS, see `modeling.traceable`), any height and width that are multiples of it:
 the TorchScript tracer runs in seconds and the MobileViT blocks' patch counts become graph
 arithmetic. At another multiple of 32 (e.g. 224) the file takes its export size only. The file is
@@ -11,9 +15,13 @@ checked against PyTorch at three sizes (one of them not square) and on the shipp
 `<output>.json` and the file's metadata record the sizes it accepts, the sizes checked, the largest
 difference and the depth metrics of onnxruntime against PyTorch (`fidelity`).
 
+`--web DIR` writes that ONNX file with a self-contained page into DIR (`trainer.ship.web`);
+`--format tflite` writes a LiteRT file instead (`trainer.ship.litert`, needs the `mobile` extra).
+
 The CLI exports at the size the student was trained at (config.json's `input_size`; 256 for
-folders saved before it was recorded), writes `<checkpoint>/../student.onnx` by default and
-refuses to replace an existing file (or its `.json` report) unless `--overwrite` is given.
+folders saved before it was recorded), writes `<checkpoint>/../student.onnx` (or `.tflite`) by
+default and refuses to replace an existing file (or its `.json` report, or a page) unless
+`--overwrite` is given; it never writes into a folder of files it did not write.
 Exit codes: 0 written and checked; 1 a mistake in the arguments, a student folder that cannot be
 loaded, or an export that failed (nothing is left behind); also 1 for arguments that cannot be parsed.
 """
@@ -146,12 +154,12 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, a
     return report
 
 
-def _output_problem(output: Path, overwrite: bool) -> Optional[str]:
+def _output_problem(output: Path, overwrite: bool, suffix: str = ".onnx") -> Optional[str]:
     """Why the CLI must not write `output` (and its `.json` report), or None if it may."""
     report = output.with_suffix(output.suffix + ".json")
-    if output.suffix != ".onnx":
-        return f"--output {output} must end in .onnx"
-    problem = output_path_problem(output, "--output", "a file path ending in .onnx")
+    if output.suffix != suffix:
+        return f"--output {output} must end in {suffix}"
+    problem = output_path_problem(output, "--output", f"a file path ending in {suffix}")
     if problem:
         return problem
     existing = [path for path in (output, report) if path.exists()]
@@ -166,14 +174,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     parser = ArgumentParser(prog="python -m trainer.ship.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="student folder (config.json + model.safetensors)")
-    parser.add_argument("--output", help="a .onnx path; default: <checkpoint>/../student.onnx")
+    parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
+                        help="onnx (default) or tflite: a LiteRT file, needs pip install -e '.[mobile]'")
+    parser.add_argument("--output", help="a .onnx (.tflite) path; default: <checkpoint>/../student.onnx (.tflite)")
+    parser.add_argument("--web", metavar="DIR",
+                        help="write the ONNX student with a web page that runs it in the browser into DIR")
+    parser.add_argument("--onnxruntime-web", metavar="PACKAGE_DIR", type=Path,
+                        help="the onnxruntime-web npm package to copy into --web DIR; "
+                             "default: the project's (npm ci --prefix web)")
     parser.add_argument("--size", type=int,
                         help="export height = width, a multiple of 32; default: the size the student was trained at")
     parser.add_argument("--opset", type=int, default=18)
     # Kept so that scripts written for the dynamo exporter still run: any size is now the default.
     parser.add_argument("--dynamic-hw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--atol", type=float, default=1e-3)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file and its .json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output file and its .json, or a page this tool wrote")
     args = parser.parse_args(argv)
     if args.dynamic_hw:
         print("note: --dynamic-hw is no longer needed: the export takes any multiple of 64 by default",
@@ -182,9 +198,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --size {args.size} must be a positive multiple of 32, e.g. 256", file=sys.stderr)
         return 1
     checkpoint = Path(args.checkpoint)
-    output = Path(args.output) if args.output else checkpoint.parent / "student.onnx"
+    output = Path(args.output) if args.output else checkpoint.parent / f"student.{args.format}"
     # Checked before loading anything: a refused output should not cost an export.
-    problem = _output_problem(output, args.overwrite)
+    problem = _target_problem(args, output)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
@@ -203,14 +219,43 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"pass --size", file=sys.stderr)
         return 1
     try:
-        report = export_student(student, output, size, args.opset, args.atol)
+        if args.web:
+            from trainer.ship.web import write_web_page
+
+            report = write_web_page(student, Path(args.web), size, args.opset, args.atol, _runtime(args))
+        elif args.format == "tflite":
+            from trainer.ship.litert import export_tflite
+
+            report = export_tflite(student, output, size, args.atol)
+        else:
+            report = export_student(student, output, size, args.opset, args.atol)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
-    resolved = output.resolve()
-    print(f"wrote {resolved} and {resolved.with_suffix(resolved.suffix + '.json')}")
+    if args.web:
+        print(f"wrote the page into {Path(args.web).resolve()}; serve it with: {report['serve']}")
+    else:
+        resolved = output.resolve()
+        print(f"wrote {resolved} and {resolved.with_suffix(resolved.suffix + '.json')}")
     return 0
+
+
+def _runtime(args: argparse.Namespace) -> Path:
+    from trainer.ship.web import DEFAULT_RUNTIME
+
+    return args.onnxruntime_web or DEFAULT_RUNTIME
+
+
+def _target_problem(args: argparse.Namespace, output: Path) -> Optional[str]:
+    """Why the CLI must not write what `args` ask for, or None."""
+    if not args.web:
+        return _output_problem(output, args.overwrite, f".{args.format}")
+    from trainer.ship.web import runtime_problem, web_dir_problem
+
+    if args.format != "onnx" or args.output:
+        return "--web writes its own student.onnx into DIR; drop --format tflite and --output"
+    return web_dir_problem(Path(args.web), args.overwrite) or runtime_problem(_runtime(args))
 
 
 if __name__ == "__main__":
