@@ -140,7 +140,8 @@ function quantile(sorted, q) {
 }
 
 // Disparity -> RGBA, as trainer.evaluate.visualize.colorize: stretched between the 2nd and 98th
-// percentiles, then looked up in the colour map (near = the map's high end).
+// percentiles, then looked up in the colour map (near = the map's high end). For display only: a
+// value exactly halfway between two entries may take the other one.
 function colourMap(disparity, lut) {
   const sorted = Float32Array.from(disparity).sort();
   const low = quantile(sorted, 0.02);
