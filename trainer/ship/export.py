@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -87,6 +87,26 @@ def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+@contextlib.contextmanager
+def staged_export(path: Path, failure: str) -> Iterator[tuple[Path, dict]]:
+    """Yields a temporary path beside `path` for the block to write and check, and a dict for the
+    block to fill with its report. Only when the block completes is the file renamed to `path` and
+    the report written to `<path>.json`. Any other error than ExportError becomes
+    ExportError(f"{failure}: ..."), and the temporary file never stays."""
+    tmp = path.with_name(f".tmp_{path.name}")
+    report: dict = {}
+    try:
+        yield tmp, report
+        os.replace(tmp, path)
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    except ExportError:
+        raise
+    except Exception as error:
+        raise ExportError(f"{failure}: {first_line(error)}") from error
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def sizes_to_check(size: int, multiple: Optional[int]) -> list[tuple[int, int]]:
     """(H, W) pairs an export is verified at: its own size and, for a file that takes any
     multiple of `multiple`, a larger square and a non-square size."""
@@ -114,12 +134,11 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, a
     import onnxruntime as ort
 
     path = Path(path)
-    tmp = path.with_name(f".tmp_{path.name}")  # renamed into place only once checked
     student = student.float().eval().cpu()
     multiple = input_multiple(student.encoder)
     any_size = size % multiple == 0
     checked = sizes_to_check(size, multiple if any_size else None)
-    try:
+    with staged_export(path, f"ONNX export to {path} failed") as (tmp, report):
         _export(student, tmp, size, opset, any_size)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         # Batch 2 proves the dynamic batch axis; the tolerance covers fp32 kernel differences.
@@ -133,7 +152,7 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, a
         fidelity = photo_fidelity(session, student, sample_photos() if photos is None else photos, size)
         accepted = (f"any H and W that are multiples of {multiple}" if any_size else f"{size}x{size} only "
                     f"(export at a multiple of {multiple} for a file that takes any size)")
-        report = {
+        report.update({
             "onnx": path.name, "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "input_layout": "NCHW float32, RGB, ImageNet-normalised",
             "output_meaning": "relative inverse depth (disparity), >= 0, up to scale and shift",
@@ -141,16 +160,8 @@ def export_student(student: nn.Module, path: Path, size: int, opset: int = 18, a
             "dynamic_batch": True, "dynamic_hw": any_size, "size_multiple": multiple if any_size else None,
             "accepted_sizes": accepted, "checked_sizes": [list(hw) for hw in checked],
             "max_abs_diff_vs_pytorch": max_diff, "fidelity": fidelity,
-        }
+        })
         _add_metadata(tmp, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in report.items()})
-        os.replace(tmp, path)
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    except ExportError:
-        raise
-    except Exception as error:
-        raise ExportError(f"ONNX export to {path} failed: {first_line(error)}") from error
-    finally:
-        tmp.unlink(missing_ok=True)
     return report
 
 

@@ -12,8 +12,6 @@ checked against PyTorch on a random input (`atol`) and on the shipped sample pho
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -24,7 +22,7 @@ from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from trainer.errors import first_line
-from trainer.ship.export import INPUT_NAME, OUTPUT_NAME, ExportError
+from trainer.ship.export import INPUT_NAME, OUTPUT_NAME, ExportError, staged_export
 from trainer.ship.fidelity import agreement, photo_batch, sample_photos
 
 INSTALL_HINT = 'pip install -e ".[mobile]" (litert-torch and ai-edge-litert)'
@@ -65,9 +63,8 @@ def export_tflite(student: nn.Module, path: Path, size: int, atol: float = 1e-3,
     except ImportError as error:
         raise ExportError(f"the LiteRT export needs the mobile extra: {INSTALL_HINT} ({first_line(error)})") from error
     path = Path(path)
-    tmp = path.with_name(f".tmp_{path.name}")  # renamed into place only once checked
     student = student.float().eval().cpu()
-    try:
+    with staged_export(path, f"LiteRT conversion to {path} failed") as (tmp, report):
         example = torch.zeros(1, size, size, 3)
         litert_torch.convert(ChannelsLast(student).eval(), sample_kwargs={INPUT_NAME: example}).export(str(tmp))
         run = _runner(tmp)
@@ -80,7 +77,7 @@ def export_tflite(student: nn.Module, path: Path, size: int, atol: float = 1e-3,
         images = photo_batch(sample_photos() if photos is None else photos, size)
         with torch.no_grad():
             reference = torch.cat([student(batch) for batch in images.split(8)])
-        report = {
+        report.update({
             "tflite": path.name, "converter": f"litert-torch {litert_torch.__version__}",
             "input": INPUT_NAME, "output": OUTPUT_NAME,
             "input_layout": f"NHWC float32 (1, {size}, {size}, 3), RGB, ImageNet-normalised",
@@ -89,13 +86,5 @@ def export_tflite(student: nn.Module, path: Path, size: int, atol: float = 1e-3,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "export_size": [size, size],
             "file_mb": round(tmp.stat().st_size / 1e6, 2), "max_abs_diff_vs_pytorch": max_diff,
             "fidelity": {"size": [size, size], **agreement(run(images), reference)},
-        }
-        os.replace(tmp, path)
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    except ExportError:
-        raise
-    except Exception as error:
-        raise ExportError(f"LiteRT conversion to {path} failed: {first_line(error)}") from error
-    finally:
-        tmp.unlink(missing_ok=True)
+        })
     return report
