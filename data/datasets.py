@@ -118,7 +118,7 @@ class LabeledDepthDataset(Dataset):
         depth = torch.from_numpy(load_depth(depth_path, self.depth_scale))  # (H, W) metres
         valid_mask = torch.isfinite(depth) & (depth > self.min_depth) & (depth < self.max_depth)
         if self.crop is not None:
-            valid_mask &= _crop_mask(*depth.shape, CROPS[self.crop])
+            valid_mask &= crop_mask(*depth.shape, CROPS[self.crop])
         return {
             **self.transform(load_rgb(image_path, self.max_side)),
             "depth": depth[None],  # (1, H, W)
@@ -154,7 +154,7 @@ def load_depth(path: Path, depth_scale: float) -> np.ndarray:
     return depth
 
 
-def _crop_mask(
+def crop_mask(
     height: int, width: int, fractions: tuple[float, float, float, float]
 ) -> torch.Tensor:
     top, bottom, left, right = fractions

@@ -31,6 +31,16 @@ def student():
     return StudentDepthModel(decoder_width=16, head_width=8).eval()
 
 
+def save_student_folder(folder: Path, input_size: int) -> Path:
+    """A small seeded random student saved as a checkpoint folder (config.json + model.safetensors)
+    that records `input_size`, as a trained one does."""
+    from modeling import StudentDepthModel
+
+    torch.manual_seed(0)
+    StudentDepthModel(decoder_width=16, head_width=8, input_size=input_size).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def photo_dir(tmp_path: Path) -> Path:
     """Four of the shipped sample photos, copied so a test may add bad files beside them."""

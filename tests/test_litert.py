@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from data import load_rgb
+from tests.conftest import save_student_folder
 from trainer.ship.export import main
 from trainer.ship.predict import preprocess
 
@@ -41,12 +42,7 @@ def _litert_or_skip() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from modeling import StudentDepthModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("run") / "student_best"
-    StudentDepthModel(decoder_width=16, head_width=8, input_size=SIZE).save_pretrained(folder)
-    return folder
+    return save_student_folder(tmp_path_factory.mktemp("run") / "student_best", SIZE)
 
 
 def _one_error_line(capsys) -> str:

@@ -36,7 +36,7 @@ def test_exports():
     assert METRIC_NAMES == (
         "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "silog"
     )
-    assert ALIGN_MODES == ("none", "median", "scale_shift")
+    assert ALIGN_MODES == ("none", "median", "scale_shift", "depth_scale_shift")
     assert {name for name, lower in LOWER_IS_BETTER.items() if not lower} == {"delta1", "delta2", "delta3"}
     assert set(LOWER_IS_BETTER) == set(METRIC_NAMES)
 

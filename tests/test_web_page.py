@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
-import torch
 from PIL import Image
 
 from data import load_rgb
+from tests.conftest import save_student_folder
 from trainer.ship import web, web_check
 from trainer.ship.export import ExportError, main
 from trainer.ship.predict import preprocess
@@ -53,12 +53,7 @@ def _missing_or_skip(problem: str | None) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from modeling import StudentDepthModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("run") / "student_best"
-    StudentDepthModel(decoder_width=16, head_width=8, input_size=SIZE).save_pretrained(folder)
-    return folder
+    return save_student_folder(tmp_path_factory.mktemp("run") / "student_best", SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "silog")
-ALIGN_MODES = ("none", "median", "scale_shift")
+ALIGN_MODES = ("none", "median", "scale_shift", "depth_scale_shift")
 # For picking the best checkpoint: the delta accuracies grow as the prediction improves.
 LOWER_IS_BETTER: dict[str, bool] = {name: not name.startswith("delta") for name in METRIC_NAMES}
 
@@ -56,33 +56,49 @@ def _median_align(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     return pred * scale
 
 
+def _least_squares(x: Tensor, y: Tensor, valid: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image scale s and shift t minimising sum over valid pixels of (s * x + t - y)^2; (B, 1) each."""
+    def mean(values: Tensor) -> Tensor:
+        return _masked_mean(values, valid, count).unsqueeze(1)  # (B, 1)
+
+    # Closed-form solution of the 2x2 normal equations [[Sxx, Sx], [Sx, n]] [s, t] = [Sxy, Sy],
+    # written in centred form (s = cov / var, t = mean_y - s * mean_x): same answer, less cancellation.
+    x_mean, y_mean = mean(x), mean(y)
+    x_centred = x - x_mean
+    variance = mean(x_centred.square())
+    covariance = mean(x_centred * (y - y_mean))
+    # A constant prediction makes the system singular: it carries no scale, so the best fit is
+    # the flat mean target (s = 0, t = mean(y)). `~(>)` is also true for NaN rows.
+    singular = ~(variance > 1e-12 * mean(x.square()))
+    scale = torch.where(singular, 0.0, covariance / torch.where(singular, 1.0, variance))
+    return scale, y_mean - scale * x_mean
+
+
 def _scale_shift_align(
     pred: Tensor, target: Tensor, valid: Tensor, count: Tensor, max_depth: Tensor
 ) -> Tensor:
     """Least-squares fit of s / pred + t to 1 / target per image, in disparity space.
 
-    This is the relative-depth protocol of Depth Anything / Marigold: the networks predict
+    This is the relative-depth protocol of Depth Anything / MiDaS: the networks predict
     disparity up to an unknown scale and shift, so the fit happens where that ambiguity lives.
     """
-    def mean(values: Tensor) -> Tensor:
-        return _masked_mean(values, valid, count).unsqueeze(1)  # (B, 1)
-
     pred_disparity = _safe_reciprocal(pred)  # (B, N)
     target_disparity = 1.0 / target  # (B, N); target is positive wherever valid
-    # Closed-form solution of the 2x2 normal equations [[Sxx, Sx], [Sx, n]] [s, t] = [Sxy, Sy],
-    # written in centred form (s = cov / var, t = mean_y - s * mean_x): same answer, less cancellation.
-    pred_mean, target_mean = mean(pred_disparity), mean(target_disparity)
-    pred_centred = pred_disparity - pred_mean
-    variance = mean(pred_centred.square())
-    covariance = mean(pred_centred * (target_disparity - target_mean))
-    # A constant prediction makes the system singular: it carries no scale, so the best fit is
-    # the flat mean target disparity (s = 0, t = mean(1 / g)). `~(>)` is also true for NaN rows.
-    singular = ~(variance > 1e-12 * mean(pred_disparity.square()))
-    scale = torch.where(singular, 0.0, covariance / torch.where(singular, 1.0, variance))
-    shift = target_mean - scale * pred_mean
+    scale, shift = _least_squares(pred_disparity, target_disparity, valid, count)
     # Clipping at 1 / max_depth keeps the aligned disparity positive, so depth is at most max_depth.
     aligned_disparity = torch.maximum(scale * pred_disparity + shift, 1.0 / max_depth)
     return 1.0 / aligned_disparity
+
+
+def _depth_scale_shift_align(pred: Tensor, target: Tensor, valid: Tensor, count: Tensor) -> Tensor:
+    """Least-squares fit of s * pred + t to target per image, in depth space (Marigold's
+    `least_square` alignment). The caller's clamp then clips it to the depth range."""
+    # An infinite depth (zero disparity) would make the fit NaN: it is left out of the fit and stays
+    # infinite, so the clamp turns it into the far end of the range.
+    finite = torch.isfinite(pred)
+    fitted = valid & finite
+    scale, shift = _least_squares(torch.where(finite, pred, 0.0), target, fitted, fitted.sum(dim=1))
+    return torch.where(finite, scale * pred + shift, pred)
 
 
 def depth_metrics(
@@ -96,9 +112,10 @@ def depth_metrics(
     """Standard depth metrics per image, over valid pixels, after an optional alignment.
 
     pred, target: (B, 1, H, W) depth (not disparity); valid_mask: (B, 1, H, W) bool.
-    align: "none", "median" (scale by the ratio of medians) or "scale_shift" (least squares in
-    disparity space). max_depth: clip value for the aligned depth; None means each image's
-    maximum valid target depth. Pixels also need a finite, positive target to count as valid.
+    align: "none", "median" (scale by the ratio of medians), "scale_shift" (least squares in
+    disparity space) or "depth_scale_shift" (least squares in depth space). max_depth: clip value
+    for the aligned depth; None means each image's maximum valid target depth. Pixels also need a
+    finite, positive target to count as valid.
 
     Returns {name: (B,) float32} for every name in METRIC_NAMES. An image without any valid pixel
     gets NaN for every metric; `average_metrics` drops such rows.
@@ -127,6 +144,8 @@ def depth_metrics(
         pred = _median_align(pred, target, valid)
     elif align == "scale_shift":
         pred = _scale_shift_align(pred, target, valid, count, image_max_depth)
+    elif align == "depth_scale_shift":
+        pred = _depth_scale_shift_align(pred, target, valid, count)
     # The clamp makes zero or infinite predictions safe for the logs and ratios below.
     pred = torch.minimum(pred.clamp(min=min_depth), image_max_depth.clamp(min=min_depth))
 
