@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from trainer.console import say
 
 TEACHER_PREFIX = "teacher:"
 TEACHER_SIZE = 518  # Depth Anything V2's inference size
@@ -66,6 +67,8 @@ def _load_student(name: str, path: Path, device: torch.device) -> BenchmarkModel
     from trainer.ship.predict import load_model, preprocess
 
     loaded = load_model(path)  # a student folder or an ONNX file, at its own size; ValueError if not
+    if loaded.size_note:
+        say(f"note: {loaded.size_note}")
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         return loaded.predict(images).to(device)

@@ -29,8 +29,8 @@ from trainer.console import (ArgumentParser, UnreadableReporter, output_path_pro
                              setup_logging)
 from trainer.errors import RunError
 from trainer.processes import check_world_size
-from trainer.evaluate.metrics import (METRIC_NAMES, average_metrics, depth_metrics, depth_valid_mask_from_disparity,
-                                      disparity_to_depth)
+from trainer.evaluate.metrics import (ALIGN_MODES, METRIC_NAMES, average_metrics, depth_metrics,
+                                      depth_valid_mask_from_disparity, disparity_to_depth)
 
 
 def _batch_metrics(student: nn.Module, teacher: Optional[DepthAnythingTeacher], batch: dict,
@@ -93,7 +93,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="folder of photos, or of images/ + depth/ with --labeled")
     parser.add_argument("--labeled", action="store_true", help="compare with ground-truth depth")
     parser.add_argument("--config", help="run config for the teacher and sizes (default: the run's config.yaml)")
-    parser.add_argument("--align", choices=["none", "median", "scale_shift"], default=None)
+    parser.add_argument("--align", choices=list(ALIGN_MODES), default=None)
     parser.add_argument("--crop", choices=["eigen_nyu", "garg_kitti", "eigen_kitti"], default=None)
     parser.add_argument("--min-depth", type=float, default=None)
     parser.add_argument("--max-depth", type=float, default=None)
