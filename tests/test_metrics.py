@@ -140,6 +140,30 @@ def test_scale_shift_clips_disparity_at_inverse_max_depth():
     assert metrics["abs_rel"] == pytest.approx(np.mean(np.abs(aligned_depth - target) / target), abs=1e-5)
 
 
+def test_depth_scale_shift_matches_an_independent_least_squares_fit_clipped_to_the_range():
+    """Marigold's protocol: fit [p, 1] [s, t] = g in depth space over the valid pixels, clip the
+    aligned depth to [min_depth, max_depth], score the valid pixels."""
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(0.5, 20.0, 40)
+    target = np.abs(0.3 * pred + rng.normal(0.0, 1.5, 40) + 2.0) + 0.1  # positive, so every pixel counts
+    valid = np.ones(40, dtype=bool)
+    valid[5:9] = False  # wrong values here must not move the fit
+    pred[5:9] = 1e4
+    design = np.stack([pred[valid], np.ones(valid.sum())], axis=1)
+    (s, t), *_ = np.linalg.lstsq(design, target[valid], rcond=None)
+    aligned = np.clip(s * pred + t, 2.5, 7.0)[valid]
+    assert (s * pred + t)[valid].min() < 2.5 and (s * pred + t)[valid].max() > 7.0  # the clip is exercised
+    expected = np.mean(np.abs(aligned - target[valid]) / target[valid])
+
+    metrics = scalars(depth_metrics(image(pred.tolist()), image(target.tolist()), image(valid.tolist()).bool(),
+                                    align="depth_scale_shift", min_depth=2.5, max_depth=7.0))
+    assert metrics["abs_rel"] == pytest.approx(expected, rel=1e-5)
+    # An affine map of depth is removed exactly.
+    depth = image([1.0, 2.0, 3.0, 4.0, 8.0, 1.5])
+    metrics = scalars(depth_metrics(2.0 * depth + 1.0, depth, all_valid(depth), align="depth_scale_shift"))
+    assert metrics["abs_rel"] == pytest.approx(0, abs=1e-6) and metrics["delta1"] == 1.0
+
+
 def test_scale_shift_constant_prediction_falls_back_to_mean_disparity():
     target = image([1.0, 2.0, 4.0, 4.0])
     aligned_depth = 1.0 / np.mean([1.0, 0.5, 0.25, 0.25])  # s = 0, t = mean(1 / g)
