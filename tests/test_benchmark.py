@@ -283,7 +283,7 @@ def test_cli_missing_and_corrupt_files(tmp_path, checkpoint, capsys):
     depth = next((tmp_path / "kitti" / "train").rglob("*.png"))
     depth.unlink()
     assert run_cli(["--model", str(checkpoint), "--root", str(tmp_path), "--suite", "kitti"]) == 1
-    assert "kitti: 1 listed files are missing" in _error(capsys)
+    assert "kitti: 1 listed file missing" in _error(capsys)
 
     depth.write_bytes(b"not a png")
     assert run_cli(["--model", str(checkpoint), "--root", str(tmp_path), "--suite", "kitti", "--num-workers", "1"]) == 1

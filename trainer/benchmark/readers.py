@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
+from trainer.console import plural
+
 # Marigold's evaluation sets: an extracted tar beside the list Marigold ships in data_split/.
 MARIGOLD_LISTS = {
     "nyu": "filename_list_test.txt",
@@ -120,7 +122,7 @@ class Reader:
             raise BenchmarkDataError(f"{name}: no samples found in {folder} ({layout})")
         missing = [path for row in rows for path in row if isinstance(path, Path) and not path.is_file()]
         if missing:
-            raise BenchmarkDataError(f"{name}: {len(missing)} listed files are missing in {folder}, "
+            raise BenchmarkDataError(f"{name}: {plural(len(missing), 'listed file')} missing in {folder}, "
                                      f"e.g. {missing[0]} ({layout})")
         self.name, self.folder, self.rows, self.layout = name, folder, rows, layout
 
@@ -166,7 +168,7 @@ class NyuLabeledReader(Reader):
         splits = folder / "splits.mat"
         if not splits.is_file():
             raise BenchmarkDataError(f"nyu: {splits} is missing; download the official splits.mat next to "
-                                     f"nyu_depth_v2_labeled.mat (see README, Benchmarks)")
+                                     f"nyu_depth_v2_labeled.mat (README: 'Zero-shot benchmarks')")
         try:
             test = np.asarray(loadmat(str(splits))["testNdxs"]).ravel().astype(np.int64) - 1  # 1-based
             with h5py.File(self.mat, "r") as mat:
@@ -208,7 +210,7 @@ class Da2kReader(Reader):
     def __init__(self, folder: Path) -> None:
         annotations = folder / "annotations.json"
         if not annotations.is_file():
-            raise BenchmarkDataError(f"da2k: {annotations} is missing; download DA-2K (see README, Benchmarks)")
+            raise BenchmarkDataError(f"da2k: {annotations} is missing; download DA-2K (README: 'Zero-shot benchmarks')")
         try:
             entries = json.loads(annotations.read_text())
             rows = [(folder / path, _closer_first(pairs)) for path, pairs in sorted(entries.items())]
@@ -274,7 +276,7 @@ def _scan(folder: Path, pattern: str, partner) -> list[tuple[Path, ...]]:
 def open_reader(name: str, folder: Path) -> Reader:
     """The reader for benchmark `name` in `folder`, in whichever layout the folder holds."""
     if not folder.is_dir():
-        raise BenchmarkDataError(f"{name}: no folder {folder}; see the README's Benchmarks section for "
+        raise BenchmarkDataError(f"{name}: no folder {folder}; see the README's 'Zero-shot benchmarks' for "
                                  f"how to get it")
     marigold_list = folder / MARIGOLD_LISTS.get(name, "-")
     if name == "nyu":
@@ -288,7 +290,7 @@ def open_reader(name: str, folder: Path) -> Reader:
     if name == "kitti":
         if not marigold_list.is_file():
             raise BenchmarkDataError(f"kitti: {marigold_list} is missing: the Eigen test list with annotated "
-                                     f"depth (from BTS or Marigold, see README)")
+                                     f"depth (from BTS or Marigold; README: 'Zero-shot benchmarks')")
         return DepthFileReader(name, folder, _kitti_rows(folder, marigold_list), marigold_list.name,
                                _kitti_png)
     if name == "eth3d":

@@ -6,7 +6,7 @@
 
 Prints one Markdown table (a row per model: AbsRel and delta1 per benchmark, DA-2K's pairwise
 accuracy; then each student's gap to the first teacher) and writes every metric to --json.
-The benchmarks' files are looked for in DATA_ROOT/<name>/ (see the README's Benchmarks section);
+The benchmarks' files are looked for in DATA_ROOT/<name>/ (README: "Zero-shot benchmarks");
 all of them are checked before any model is loaded.
 
 Exit codes: 0 the table was made; 1 a mistake in the arguments, a model that cannot be loaded,
