@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +65,14 @@ def true_disparity(sample) -> np.ndarray:
     return np.where(usable, 1.0 / np.where(usable, sample.depth, 1.0), 0.5)
 
 
-def score(root: Path, name: str, disparity_of, protocol: str = "disparity") -> dict[str, float]:
+def score(root: Path, name: str, disparity_of, protocol: str = "disparity", num_workers: int = 0) -> dict:
     from accelerate import Accelerator
 
     reader = open_reader(name, root / name)
     benchmark = BENCHMARKS[name]
     model = oracle("oracle", reader, disparity_of)
     return run_benchmark(Accelerator(cpu=True), model, BenchmarkDataset(reader, benchmark, model),
-                         PROTOCOLS[protocol], num_workers=0)
+                         PROTOCOLS[protocol], num_workers=num_workers)
 
 
 # --- the formats ---------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def test_each_format_is_read_with_its_units_and_masks(root):
     kitti = open_reader("kitti", root / "kitti")
     assert len(kitti) == 3  # the list's "None" line (no annotated depth) is skipped
     sample = kitti.load(0)
-    stored = np.asarray(Image.open(kitti.rows[0][1]), dtype=np.float64)
+    stored = np.asarray(Image.open(root / "kitti" / kitti.rows[0][1]), dtype=np.float64)
     np.testing.assert_allclose(sample.depth, stored / 256)  # uint16 / 256 = metres
     assert sample.real.tolist() == (stored > 0).tolist()
 
@@ -107,7 +108,7 @@ def test_each_format_is_read_with_its_units_and_masks(root):
     assert len(sintel) == 3 and sintel.load(0).depth[0, :5].tolist() == [500.0] * 5
 
     da2k = open_reader("da2k", root / "da2k")
-    pairs = dict((str(path.relative_to(root / "da2k")), rows) for path, rows in da2k.rows)
+    pairs = dict(da2k.rows)
     # The closer point comes first, whichever of point1 / point2 the file marks.
     assert pairs["images/indoor/room.jpg"][:2].tolist() == [[5, 5, 20, 30], [12, 35, 10, 10]]
 
@@ -118,6 +119,29 @@ def test_marigold_nyu_layout(tmp_path):
     assert len(reader) == 3 and reader.layout == "filename_list_test.txt"
     assert 0.5 <= reader.load(0).depth.min() and reader.load(0).depth.max() < 9.5  # millimetres / 1000
     assert score(tmp_path, "nyu", true_disparity)["abs_rel"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name, list_name", [("diode", "diode_val_all_filename_list.txt"),
+                                             ("eth3d", "eth3d_filename_list.txt")])
+def test_marigold_tars_are_read_in_place(root, tmp_path, name, list_name):
+    """Marigold's list beside its uncompressed tar, members under one top folder: read without
+    extracting, the same samples as the files themselves, also from DataLoader workers."""
+    extracted = open_reader(name, root / name)
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / list_name).write_text("".join(" ".join(row) + "\n" for row in extracted.rows))
+    with tarfile.open(folder / f"{name}.tar", "w") as tar:
+        for row in extracted.rows:
+            for member in row:
+                tar.add(root / name / member, arcname=f"{name}_eval/{member}")
+    reader = open_reader(name, folder)
+    assert reader.layout == f"{list_name} + {name}.tar" and len(reader) == len(extracted) == 3
+    for index in range(3):
+        tarred, original = reader.load(index), extracted.load(index)
+        np.testing.assert_array_equal(np.asarray(tarred.image), np.asarray(original.image))
+        np.testing.assert_array_equal(tarred.depth, original.depth)
+        np.testing.assert_array_equal(tarred.real, original.real)
+    assert score(tmp_path, name, true_disparity, num_workers=2)["abs_rel"] == pytest.approx(0, abs=1e-6)
 
 
 # --- the protocols' known answers ----------------------------------------------------------------
@@ -199,11 +223,11 @@ def test_da2k_pairwise_accuracy_on_hand_made_pairs(root):
               "images/outdoor/street.jpg": {(2, 3): 0.1, (28, 39): 0.6}}
     reader = open_reader("da2k", root / "da2k")
     by_pixels = {}
-    for path, _ in reader.rows:
+    for name, _ in reader.rows:
         plane = np.full((30, 40), 0.5, dtype=np.float32)
-        for (h, w), value in values[str(path.relative_to(root / "da2k"))].items():
+        for (h, w), value in values[name].items():
             plane[h, w] = value
-        by_pixels[_key(_pixels(Image.open(path).convert("RGB")))] = plane
+        by_pixels[_key(_pixels(Image.open(root / "da2k" / name).convert("RGB")))] = plane
 
     metrics = score(root, "da2k", lambda sample: by_pixels[_key(_pixels(sample.image))])
     assert metrics == {"accuracy": 3 / 5, "num_pairs": 5, "num_images": 2}

@@ -1,5 +1,5 @@
 """Readers for the benchmark files as people have them on disk: the official downloads, and
-Marigold's extracted evaluation sets (a filename list beside the files).
+Marigold's evaluation sets (its filename list beside the files, extracted or still in their tar).
 
 Each reader lists its samples when it is opened (so a missing file is found before any model
 runs) and loads one sample at a time: the photo as stored (no EXIF rotation: the ground truth
@@ -9,7 +9,10 @@ DA-2K, the photo with its annotated point pairs. `open_reader` picks the layout 
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tarfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -18,7 +21,7 @@ from PIL import Image
 
 from trainer.console import plural
 
-# Marigold's evaluation sets: an extracted tar beside the list Marigold ships in data_split/.
+# Marigold's evaluation sets: a tar (extracted or not) beside the list Marigold ships in data_split/.
 MARIGOLD_LISTS = {
     "nyu": "filename_list_test.txt",
     "kitti": "eigen_test_files_with_gt.txt",
@@ -43,94 +46,143 @@ class PairSample(NamedTuple):
     pairs: np.ndarray  # (K, 4) int64 rows (h_near, w_near, h_far, w_far) in the image's pixels
 
 
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
+class FolderFiles:
+    """A benchmark's files in a folder, named by their path relative to it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def exists(self, name: str) -> bool:
+        return (self.folder / name).is_file()
+
+    def open(self, name: str):
+        return open(self.folder / name, "rb")
+
+    def where(self, name: str) -> str:
+        return str(self.folder / name)
+
+
+class TarFiles:
+    """The members of an uncompressed tar, read in place: Marigold's evaluation sets come as tars
+    of up to tens of GB. Names are the members' paths, or their paths below the tar's top folder
+    when every member sits in one. Each process opens the tar itself (a file offset shared across
+    fork would mix up concurrent reads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with tarfile.open(path, "r:") as tar:
+                members = {member.name.removeprefix("./"): member for member in tar if member.isfile()}
+        except (OSError, tarfile.TarError) as error:
+            raise BenchmarkDataError(f"{path} is not a readable uncompressed tar ({error})") from None
+        tops = {name.split("/", 1)[0] for name in members}
+        if len(tops) == 1 and all("/" in name for name in members):
+            members.update({name.split("/", 1)[1]: member for name, member in list(members.items())})
+        self.members = members
+        self._tar, self._pid = None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tar": None, "_pid": None}
+
+    def exists(self, name: str) -> bool:
+        return name in self.members
+
+    def open(self, name: str):
+        if self._pid != os.getpid():
+            self._tar, self._pid = tarfile.open(self.path, "r:"), os.getpid()
+        return self._tar.extractfile(self.members[name])
+
+    def where(self, name: str) -> str:
+        return f"{self.path}:{name}"
+
+
+def read_image(file) -> Image.Image:
+    with Image.open(file) as image:
         return image.convert("RGB")
 
 
-def read_png_depth(path: Path, units_per_metre: float) -> np.ndarray:
+def read_png_depth(file, units_per_metre: float) -> np.ndarray:
     """16-bit PNG depth (NYU: millimetres, KITTI: 1/256 m); 0 means no measurement."""
-    with Image.open(path) as image:
+    with Image.open(file) as image:
         return np.asarray(image, dtype=np.float32) / units_per_metre
 
 
-def read_eth3d_depth(path: Path, height: int, width: int) -> np.ndarray:
+def read_eth3d_depth(file, height: int, width: int) -> np.ndarray:
     """ETH3D's ground truth: raw little-endian float32, row-major, the image's size (the files
     end in .JPG like the photos); inf where there is no measurement."""
-    data = np.fromfile(path, dtype="<f4")
+    data = np.frombuffer(file.read(), dtype="<f4")
     if data.size != height * width:
-        raise BenchmarkDataError(f"{path} holds {data.size} floats, not {height} x {width} for its photo")
-    return data.reshape(height, width)
+        raise BenchmarkDataError(f"holds {data.size} floats, not {height} x {width} for its photo")
+    return data.reshape(height, width).copy()
 
 
-def read_sintel_depth(path: Path) -> np.ndarray:
+def read_sintel_depth(file) -> np.ndarray:
     """Sintel's .dpt: float32 tag 202021.25, int32 width, int32 height, then float32 depth rows."""
-    with open(path, "rb") as file:
-        tag = np.fromfile(file, dtype="<f4", count=1)
-        size = np.fromfile(file, dtype="<i4", count=2)
-        if tag.size != 1 or tag[0] != SINTEL_TAG or size.size != 2:
-            raise BenchmarkDataError(f"{path} is not a Sintel .dpt depth file (no {SINTEL_TAG} tag)")
-        width, height = int(size[0]), int(size[1])
-        data = np.fromfile(file, dtype="<f4")
-    if data.size != width * height:
-        raise BenchmarkDataError(f"{path} holds {data.size} depths, not {height} x {width}")
-    return data.reshape(height, width)
+    data = file.read()
+    if len(data) < 12 or np.frombuffer(data[:4], dtype="<f4")[0] != SINTEL_TAG:
+        raise BenchmarkDataError(f"is not a Sintel .dpt depth file (no {SINTEL_TAG} tag)")
+    width, height = (int(side) for side in np.frombuffer(data[4:12], dtype="<i4"))
+    depth = np.frombuffer(data[12:], dtype="<f4")
+    if depth.size != width * height:
+        raise BenchmarkDataError(f"holds {depth.size} depths, not {height} x {width}")
+    return depth.reshape(height, width).copy()
 
 
-def read_npy_depth(path: Path) -> np.ndarray:
-    return np.squeeze(np.load(path)).astype(np.float32)  # DIODE: (H, W, 1)
+def read_npy(file) -> np.ndarray:
+    # Through BytesIO: numpy's np.load probes fileno(), which a tar member's reader lacks.
+    return np.squeeze(np.load(io.BytesIO(file.read()), allow_pickle=False))
 
 
-# Decoders as DepthFileReader calls them, (depth path, photo) -> (H, W) float32 metres; module-level
+def read_npy_depth(file) -> np.ndarray:
+    return read_npy(file).astype(np.float32)  # DIODE: (H, W, 1)
+
+
+# Decoders as DepthFileReader calls them, (depth file, photo) -> (H, W) float32 metres; module-level
 # functions, so a reader pickles into DataLoader workers under any start method.
 
-def _nyu_png(path: Path, image: Image.Image) -> np.ndarray:
-    return read_png_depth(path, 1000.0)
+def _nyu_png(file, image: Image.Image) -> np.ndarray:
+    return read_png_depth(file, 1000.0)
 
 
-def _kitti_png(path: Path, image: Image.Image) -> np.ndarray:
-    return read_png_depth(path, 256.0)
+def _kitti_png(file, image: Image.Image) -> np.ndarray:
+    return read_png_depth(file, 256.0)
 
 
-def _eth3d(path: Path, image: Image.Image) -> np.ndarray:
-    return read_eth3d_depth(path, image.height, image.width)
+def _eth3d(file, image: Image.Image) -> np.ndarray:
+    return read_eth3d_depth(file, image.height, image.width)
 
 
-def _diode(path: Path, image: Image.Image) -> np.ndarray:
-    return read_npy_depth(path)
+def _diode(file, image: Image.Image) -> np.ndarray:
+    return read_npy_depth(file)
 
 
-def _sintel(path: Path, image: Image.Image) -> np.ndarray:
-    return read_sintel_depth(path)
+def _sintel(file, image: Image.Image) -> np.ndarray:
+    return read_sintel_depth(file)
 
 
 def _measured(depth: np.ndarray) -> np.ndarray:
     return np.isfinite(depth) & (depth > 0)
 
 
-def _check_same_grid(image: Image.Image, depth: np.ndarray, depth_path: Path) -> None:
-    if depth.shape != (image.height, image.width):
-        raise BenchmarkDataError(f"{depth_path}: depth {depth.shape[1]}x{depth.shape[0]} does not match its "
-                                 f"photo's {image.width}x{image.height}")
-
-
 class Reader:
-    """`rows` are tuples of paths; a subclass says how to load one."""
+    """`rows` hold, first, the names of each sample's files in `files`; a subclass says how to
+    load one."""
 
-    def __init__(self, name: str, folder: Path, rows: list[tuple], layout: str) -> None:
+    def __init__(self, name: str, folder: Path, rows: list[tuple], layout: str,
+                 files: FolderFiles | TarFiles | None = None) -> None:
         if not rows:
             raise BenchmarkDataError(f"{name}: no samples found in {folder} ({layout})")
-        missing = [path for row in rows for path in row if isinstance(path, Path) and not path.is_file()]
+        missing = [item for row in rows for item in row if isinstance(item, str) and not files.exists(item)]
         if missing:
-            raise BenchmarkDataError(f"{name}: {plural(len(missing), 'listed file')} missing in {folder}, "
-                                     f"e.g. {missing[0]} ({layout})")
-        self.name, self.folder, self.rows, self.layout = name, folder, rows, layout
+            raise BenchmarkDataError(f"{name}: {plural(len(missing), 'listed file')} missing, "
+                                     f"e.g. {files.where(missing[0])} ({layout})")
+        self.name, self.folder, self.rows, self.layout, self.files = name, folder, rows, layout, files
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def describe(self, index: int) -> str:
-        return str(self.rows[index][0])
+        return self.files.where(self.rows[index][0])
 
     def load(self, index: int) -> DepthSample | PairSample:
         raise NotImplementedError
@@ -139,18 +191,27 @@ class Reader:
 class DepthFileReader(Reader):
     """Rows of (photo, depth file[, mask file]) with a depth decoder for the benchmark."""
 
-    def __init__(self, name: str, folder: Path, rows: list[tuple], layout: str, decode) -> None:
-        super().__init__(name, folder, rows, layout)
-        self.decode = decode  # (depth path, image) -> (H, W) float32 metres
+    def __init__(self, name: str, folder: Path, rows: list[tuple[str, ...]], layout: str,
+                 files: FolderFiles | TarFiles, decode) -> None:
+        super().__init__(name, folder, rows, layout, files)
+        self.decode = decode  # (depth file, image) -> (H, W) float32 metres
 
     def load(self, index: int) -> DepthSample:
-        image_path, depth_path, *mask_path = self.rows[index]
-        image = load_image(image_path)
-        depth = self.decode(depth_path, image)
-        _check_same_grid(image, depth, depth_path)
+        image_name, depth_name, *mask_name = self.rows[index]
+        with self.files.open(image_name) as file:
+            image = read_image(file)
+        try:
+            with self.files.open(depth_name) as file:
+                depth = self.decode(file, image)
+        except BenchmarkDataError as error:
+            raise BenchmarkDataError(f"{self.files.where(depth_name)} {error}") from None
+        if depth.shape != (image.height, image.width):
+            raise BenchmarkDataError(f"{self.files.where(depth_name)}: depth {depth.shape[1]}x{depth.shape[0]} "
+                                     f"does not match its photo's {image.width}x{image.height}")
         real = _measured(depth)
-        if mask_path:  # DIODE ships where its scanner measured
-            real &= np.squeeze(np.load(mask_path[0])).astype(bool)
+        if mask_name:  # DIODE ships where its scanner measured
+            with self.files.open(mask_name[0]) as file:
+                real &= read_npy(file).astype(bool)
         return DepthSample(image, depth, real)
 
 
@@ -213,18 +274,20 @@ class Da2kReader(Reader):
             raise BenchmarkDataError(f"da2k: {annotations} is missing; download DA-2K (README: 'Zero-shot benchmarks')")
         try:
             entries = json.loads(annotations.read_text())
-            rows = [(folder / path, _closer_first(pairs)) for path, pairs in sorted(entries.items())]
+            rows = [(path, _closer_first(pairs)) for path, pairs in sorted(entries.items())]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             raise BenchmarkDataError(f"da2k: {annotations} is not a DA-2K annotation file "
                                      f"({type(error).__name__}: {error})") from None
-        super().__init__("da2k", folder, rows, "annotations.json")
+        super().__init__("da2k", folder, rows, "annotations.json", FolderFiles(folder))
 
     def load(self, index: int) -> PairSample:
-        path, pairs = self.rows[index]
-        image = load_image(path)
+        name, pairs = self.rows[index]
+        with self.files.open(name) as file:
+            image = read_image(file)
         outside = (pairs[:, [0, 2]] >= image.height).any() or (pairs[:, [1, 3]] >= image.width).any()
         if outside or (pairs < 0).any():
-            raise BenchmarkDataError(f"{path}: an annotated point lies outside the {image.width}x{image.height} photo")
+            raise BenchmarkDataError(f"{self.files.where(name)}: an annotated point lies outside the "
+                                     f"{image.width}x{image.height} photo")
         return PairSample(image, pairs)
 
 
@@ -238,9 +301,9 @@ def _closer_first(pairs: list[dict]) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
 
 
-def _list_rows(folder: Path, list_file: Path, columns: int) -> list[tuple[Path, ...]]:
-    """Lines of space-separated paths relative to `folder`; a line whose depth is "None" (KITTI
-    frames without annotated depth) is skipped, extra columns (KITTI's focal length) ignored."""
+def _list_rows(list_file: Path, columns: int) -> list[tuple[str, ...]]:
+    """Lines of space-separated relative paths; a line whose depth is "None" (KITTI frames without
+    annotated depth) is skipped, extra columns (KITTI's focal length) ignored."""
     rows = []
     for line in list_file.read_text().splitlines():
         fields = line.split()
@@ -248,29 +311,40 @@ def _list_rows(folder: Path, list_file: Path, columns: int) -> list[tuple[Path, 
             continue
         if len(fields) < columns:
             raise BenchmarkDataError(f"{list_file}: line {line!r} has fewer than {columns} paths")
-        rows.append(tuple(folder / field for field in fields[:columns]))
+        rows.append(tuple(fields[:columns]))
     return rows
 
 
-def _kitti_rows(folder: Path, list_file: Path) -> list[tuple[Path, ...]]:
+def _list_files(name: str, folder: Path, rows: list[tuple[str, ...]]) -> FolderFiles | TarFiles:
+    """Where a list's files are: the folder, or else the one tar in it (Marigold's, not extracted)."""
+    files = FolderFiles(folder)
+    if not rows or files.exists(rows[0][0]):
+        return files
+    tars = sorted(folder.glob("*.tar"))
+    if len(tars) > 1:
+        raise BenchmarkDataError(f"{name}: {folder} holds {len(tars)} tars ({', '.join(t.name for t in tars)}); "
+                                 f"keep the one of this benchmark")
+    return TarFiles(tars[0]) if tars else files
+
+
+def _kitti_rows(files: FolderFiles | TarFiles, rows: list[tuple[str, ...]]) -> list[tuple[str, str]]:
     """The list's photo paths are KITTI raw paths (2011_09_26/..._sync/image_02/data/...), its depth
     paths those of the annotated depth download (..._sync/proj_depth/groundtruth/image_02/...),
-    which unpacks into train/ and val/: both trees may sit in `folder` itself or in raw/ and
-    train/ or val/ below it."""
-    def find(path: Path, places: tuple[str, ...]) -> Path:
-        relative = path.relative_to(folder)
-        for place in places:
-            candidate = folder / place / relative
-            if candidate.is_file():
+    which unpacks into train/ and val/: both trees may sit at the top or in raw/ and train/ or
+    val/ below it."""
+    def find(name: str, places: tuple[str, ...]) -> str:
+        for candidate in (f"{place}{name}" for place in places):
+            if files.exists(candidate):
                 return candidate
-        return path  # reported as missing
+        return name  # reported as missing
 
-    return [(find(image, ("", "raw")), find(depth, ("", "train", "val")))
-            for image, depth in _list_rows(folder, list_file, 2)]
+    return [(find(image, ("", "raw/")), find(depth, ("", "train/", "val/"))) for image, depth in rows]
 
 
-def _scan(folder: Path, pattern: str, partner) -> list[tuple[Path, ...]]:
-    return [(*partner(path),) for path in sorted(folder.glob(pattern))]
+def _scan(folder: Path, pattern: str, partner) -> list[tuple[str, ...]]:
+    """(photo, depth[, mask]) names relative to `folder` for each depth file matching `pattern`."""
+    return [tuple(path.relative_to(folder).as_posix() for path in partner(depth))
+            for depth in sorted(folder.glob(pattern))]
 
 
 def open_reader(name: str, folder: Path) -> Reader:
@@ -279,43 +353,45 @@ def open_reader(name: str, folder: Path) -> Reader:
         raise BenchmarkDataError(f"{name}: no folder {folder}; see the README's 'Zero-shot benchmarks' for "
                                  f"how to get it")
     marigold_list = folder / MARIGOLD_LISTS.get(name, "-")
+    if marigold_list.is_file():
+        rows = _list_rows(marigold_list, 3 if name == "diode" else 2)
+        files = _list_files(name, folder, rows)
+        layout = marigold_list.name + (f" + {files.path.name}" if isinstance(files, TarFiles) else "")
     if name == "nyu":
         if (folder / "nyu_depth_v2_labeled.mat").is_file():
             return NyuLabeledReader(folder)
         if marigold_list.is_file():
-            return DepthFileReader(name, folder, _list_rows(folder, marigold_list, 2), marigold_list.name,
-                                   _nyu_png)
+            return DepthFileReader(name, folder, rows, layout, files, _nyu_png)
         raise BenchmarkDataError(f"nyu: {folder} holds neither nyu_depth_v2_labeled.mat (+ splits.mat) nor "
                                  f"Marigold's {marigold_list.name}")
     if name == "kitti":
         if not marigold_list.is_file():
             raise BenchmarkDataError(f"kitti: {marigold_list} is missing: the Eigen test list with annotated "
                                      f"depth (from BTS or Marigold; README: 'Zero-shot benchmarks')")
-        return DepthFileReader(name, folder, _kitti_rows(folder, marigold_list), marigold_list.name,
-                               _kitti_png)
+        return DepthFileReader(name, folder, _kitti_rows(files, rows), layout, files, _kitti_png)
+    folder_files = FolderFiles(folder)
     if name == "eth3d":
         if marigold_list.is_file():
-            rows = _list_rows(folder, marigold_list, 2)
-            layout = marigold_list.name
-        else:  # each scene's <scene>_dslr_jpg.7z and <scene>_dslr_depth.7z unpacked into `folder`
-            rows = _scan(folder, "*/ground_truth_depth/dslr_images/*",
-                         lambda depth: (depth.parents[2] / "images" / "dslr_images" / depth.name, depth))
-            layout = "<scene>/images/dslr_images + <scene>/ground_truth_depth/dslr_images"
-        return DepthFileReader(name, folder, rows, layout, _eth3d)
+            return DepthFileReader(name, folder, rows, layout, files, _eth3d)
+        # each scene's <scene>_dslr_jpg.7z and <scene>_dslr_depth.7z unpacked into `folder`
+        rows = _scan(folder, "*/ground_truth_depth/dslr_images/*",
+                     lambda depth: (depth.parents[2] / "images" / "dslr_images" / depth.name, depth))
+        return DepthFileReader(name, folder, rows, "<scene>/images/dslr_images + <scene>/ground_truth_depth/"
+                               "dslr_images", folder_files, _eth3d)
     if name == "diode":
         if marigold_list.is_file():
-            rows, layout = _list_rows(folder, marigold_list, 3), marigold_list.name
-        else:  # val.tar.gz unpacked: val/{indoors,outdoor}/scene_*/scan_*/<name>.png + _depth(_mask).npy
-            rows = _scan(folder, "**/*_depth.npy",
-                         lambda depth: (depth.with_name(depth.name[:-len("_depth.npy")] + ".png"), depth,
-                                        depth.with_name(depth.name[:-len(".npy")] + "_mask.npy")))
-            layout = "<name>.png + <name>_depth.npy + <name>_depth_mask.npy"
-        return DepthFileReader(name, folder, rows, layout, _diode)
+            return DepthFileReader(name, folder, rows, layout, files, _diode)
+        # val.tar.gz unpacked: val/{indoors,outdoor}/scene_*/scan_*/<name>.png + _depth(_mask).npy
+        rows = _scan(folder, "**/*_depth.npy",
+                     lambda depth: (depth.with_name(depth.name[:-len("_depth.npy")] + ".png"), depth,
+                                    depth.with_name(depth.name[:-len(".npy")] + "_mask.npy")))
+        return DepthFileReader(name, folder, rows, "<name>.png + <name>_depth.npy + <name>_depth_mask.npy",
+                               folder_files, _diode)
     if name == "sintel":
         rows = _scan(folder, "training/depth/*/*.dpt",
                      lambda depth: (folder / "training" / "final" / depth.parent.name / f"{depth.stem}.png", depth))
         return DepthFileReader(name, folder, rows, "training/final/<scene>/*.png + training/depth/<scene>/*.dpt",
-                               _sintel)
+                               folder_files, _sintel)
     if name == "da2k":
         return Da2kReader(folder)
     raise ValueError(f"unknown benchmark {name!r}")
