@@ -71,8 +71,8 @@ def score(root: Path, name: str, disparity_of, protocol: str = "disparity", num_
     reader = open_reader(name, root / name)
     benchmark = BENCHMARKS[name]
     model = oracle("oracle", reader, disparity_of)
-    return run_benchmark(Accelerator(cpu=True), model, BenchmarkDataset(reader, benchmark, model),
-                         PROTOCOLS[protocol], num_workers=num_workers)
+    return run_benchmark(Accelerator(cpu=True), [model], BenchmarkDataset(reader, benchmark, [model]),
+                         PROTOCOLS[protocol], num_workers=num_workers)["oracle"]
 
 
 # --- the formats ---------------------------------------------------------------------------------
@@ -213,6 +213,23 @@ def test_wrong_values_outside_the_crop_range_or_mask_change_nothing(root, name):
         return disparity
 
     assert score(root, name, wrong_inside)["abs_rel"] > 1e-3
+
+
+def test_each_model_gets_its_own_scores_from_one_pass(root):
+    """Models share each decoded sample; their rows must not mix."""
+    from accelerate import Accelerator
+
+    reader = open_reader("nyu", root / "nyu")
+    perfect = oracle("perfect", reader, true_disparity)
+    doubled_depth = oracle("doubled", reader, lambda sample: true_disparity(sample) / 2)
+    wrong = oracle("wrong", reader, lambda sample: 1.0 + 0 * true_disparity(sample))
+    models = [wrong, perfect, doubled_depth]
+    results = run_benchmark(Accelerator(cpu=True), models, BenchmarkDataset(reader, BENCHMARKS["nyu"], models),
+                            PROTOCOLS["disparity"], num_workers=0)
+    assert list(results) == ["wrong", "perfect", "doubled"]
+    assert results["perfect"]["abs_rel"] == pytest.approx(0, abs=1e-6)
+    assert results["doubled"]["abs_rel"] == pytest.approx(0, abs=1e-6)  # a scale is aligned away
+    assert results["wrong"]["abs_rel"] > 0.1 and results["wrong"]["num_images"] == 3
 
 
 def test_da2k_pairwise_accuracy_on_hand_made_pairs(root):

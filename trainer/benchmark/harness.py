@@ -1,9 +1,9 @@
-"""One model on one benchmark, on every process: per-image scores gathered exactly, then averaged;
+"""Every model on one benchmark, on every process: per-image scores gathered exactly, then averaged;
 and the Markdown table of all of them.
 
 Samples go one per step (ground truth keeps its own resolution, which varies within KITTI and
-between benchmarks). `gather_for_metrics` drops the samples Accelerate repeats to even out the
-shards, so 1 and N processes average the same images.
+between benchmarks), each read and decoded once for all the models. `gather_for_metrics` drops the
+samples Accelerate repeats to even out the shards, so 1 and N processes average the same images.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from trainer.evaluate.metrics import METRIC_NAMES, average_metrics, depth_metric
 
 
 class BenchmarkDataset(Dataset):
-    """A reader's samples as model inputs plus what they are scored against."""
+    """A reader's samples as each model's input plus what they are scored against."""
 
-    def __init__(self, reader: Reader, benchmark: Benchmark, model: BenchmarkModel, limit: Optional[int] = None):
-        self.reader, self.benchmark, self.prepare = reader, benchmark, model.prepare
+    def __init__(self, reader: Reader, benchmark: Benchmark, models: list[BenchmarkModel],
+                 limit: Optional[int] = None):
+        self.reader, self.benchmark = reader, benchmark
+        self.prepares = [model.prepare for model in models]
         self.length = len(reader) if limit is None else min(limit, len(reader))
 
     def __len__(self) -> int:
@@ -42,7 +44,7 @@ class BenchmarkDataset(Dataset):
         except Exception as error:  # PIL, numpy, h5py: name the file in one line
             raise BenchmarkDataError(f"{self.benchmark.name}: cannot read {self.reader.describe(index)} "
                                      f"({first_line(error)})") from None
-        item = {"image": self.prepare(sample.image),
+        item = {"images": [prepare(sample.image) for prepare in self.prepares],
                 "size": torch.tensor([sample.image.height, sample.image.width])}
         if self.benchmark.pairs:
             item["pairs"] = torch.from_numpy(sample.pairs)
@@ -79,40 +81,43 @@ def _worker_message(error: Exception) -> str:
     return first_line(error)
 
 
-@torch.no_grad()
-def run_benchmark(accelerator: Accelerator, model: BenchmarkModel, dataset: BenchmarkDataset, protocol: Protocol,
-                  num_workers: int = 2) -> dict[str, float]:
-    """The averaged metrics of `model` over `dataset`, the same on every process.
-
-    Depth benchmarks give every name of METRIC_NAMES and num_images; DA-2K gives accuracy,
-    num_pairs and num_images."""
-    benchmark = dataset.benchmark
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=1, num_workers=num_workers))
-    rows = []
-    progress = tqdm(loader, desc=f"{model.name} on {benchmark.title}", unit="image", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process)
-    try:
-        for batch in progress:
-            disparity = model.predict(batch["image"]).float().to(accelerator.device)  # (1, 1, h, w)
-            height, width = batch["size"][0].tolist()
-            # Compared at the ground truth's resolution: the prediction is upsampled, never the truth resampled.
-            disparity = F.interpolate(disparity, size=(height, width), mode="bilinear", align_corners=False)
-            if benchmark.pairs:
-                row = pair_scores(disparity, batch["pairs"][0])
-            else:
-                row = depth_scores(disparity, batch["depth"], batch["valid"], benchmark, protocol)
-            rows.append(accelerator.gather_for_metrics(row))
-    except Exception as error:  # a worker's BenchmarkDataError arrives wrapped in its traceback's text
-        if isinstance(error, BenchmarkDataError) or "BenchmarkDataError" in str(error):
-            raise BenchmarkDataError(_worker_message(error)) from None
-        raise
-    finally:
-        progress.close()
-    table = torch.cat(rows).double().cpu()
+def _summary(table: torch.Tensor, benchmark: Benchmark) -> dict[str, float]:
+    """Averages of one model's per-image rows: every name of METRIC_NAMES and num_images for a
+    depth benchmark; accuracy, num_pairs and num_images for DA-2K."""
     if benchmark.pairs:
         right, total = table.sum(dim=0).tolist()
         return {"accuracy": right / total if total else math.nan, "num_pairs": int(total), "num_images": len(table)}
     return average_metrics({name: table[:, i] for i, name in enumerate(METRIC_NAMES)})
+
+
+@torch.no_grad()
+def run_benchmark(accelerator: Accelerator, models: list[BenchmarkModel], dataset: BenchmarkDataset,
+                  protocol: Protocol, num_workers: int = 2) -> dict[str, dict[str, float]]:
+    """{model name: averaged metrics} over `dataset` (built for `models`), the same on every process."""
+    benchmark = dataset.benchmark
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=1, num_workers=num_workers))
+    rows = []
+    progress = tqdm(loader, desc=benchmark.title, unit="image", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    try:
+        for batch in progress:
+            height, width = batch["size"][0].tolist()
+            scores = []
+            for model, image in zip(models, batch["images"]):
+                disparity = model.predict(image).float().to(accelerator.device)  # (1, 1, h, w)
+                # Compared at the ground truth's resolution: the prediction is upsampled, never the truth resampled.
+                disparity = F.interpolate(disparity, size=(height, width), mode="bilinear", align_corners=False)
+                if benchmark.pairs:
+                    scores.append(pair_scores(disparity, batch["pairs"][0]))
+                else:
+                    scores.append(depth_scores(disparity, batch["depth"], batch["valid"], benchmark, protocol))
+            rows.append(accelerator.gather_for_metrics(torch.stack(scores, dim=1)))  # (1, models, scores)
+    except BenchmarkDataError as error:  # one raised in a worker arrives with its traceback's text
+        raise BenchmarkDataError(_worker_message(error)) from None
+    finally:
+        progress.close()
+    table = torch.cat(rows).double().cpu()  # (images, models, scores)
+    return {model.name: _summary(table[:, index], benchmark) for index, model in enumerate(models)}
 
 
 # --- the report -------------------------------------------------------------------------------

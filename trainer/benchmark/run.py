@@ -113,11 +113,10 @@ def run(args: argparse.Namespace) -> dict:
             say(f"note: {note}")
     protocol = PROTOCOLS[args.protocol]
     results: dict[str, dict[str, dict[str, float]]] = {model.name: {} for model in models}
-    for model in models:
-        for benchmark in benchmarks:
-            dataset = BenchmarkDataset(readers[benchmark.name], benchmark, model, args.limit)
-            results[model.name][benchmark.name] = run_benchmark(accelerator, model, dataset, protocol,
-                                                                args.num_workers)
+    for benchmark in benchmarks:
+        dataset = BenchmarkDataset(readers[benchmark.name], benchmark, models, args.limit)
+        for name, metrics in run_benchmark(accelerator, models, dataset, protocol, args.num_workers).items():
+            results[name][benchmark.name] = metrics
     say(format_table(results, models, benchmarks, protocol))
     report = {
         "protocol": {"name": protocol.name, "definition": protocol.definition, "source": protocol.source},
