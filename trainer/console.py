@@ -26,18 +26,40 @@ logger = logging.getLogger("trainer")
 # process alone is still reported, that much later. Imports alone can put processes seconds apart.
 PEER_ERROR_GRACE_S = 30.0
 
-STATUS_FILE_ENV = "DEPTH_DISTILL_STATUS_FILE"  # set by trainer.launch: where process 0 leaves its exit code
+# Set by `trainer.launch`: a folder of this node's launch where each trainer process leaves its
+# process id (so that the launcher signals the trainers, not the library launcher between them)
+# and, when it ends, its exit code (which no library launcher passes on).
+LAUNCH_DIR_ENV = "DEPTH_DISTILL_LAUNCH_DIR"
+# Written to stderr by a process that ended with a non-zero code under `trainer.launch`, after its
+# own `error:` line: what the library launcher prints from then on (its traceback or failure table
+# about the same exit) is dropped. It travels through the same pipes as the trainer's own output,
+# so it cannot overtake it.
+LAUNCHER_REPORT_FOLLOWS = "\x1e depth-distill: the trainer has said why it stopped \x1e\n"
 
 
 def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _launch_file(kind: str, rank: int) -> Optional[Path]:
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    return Path(folder) / f"{kind}.{rank}" if folder else None
+
+
+def _write_launch_file(kind: str, text: str) -> None:
+    path = _launch_file(kind, launched_rank())
+    if path is None:
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)  # the launcher never reads a half-written file
+
+
 def _process_zero_ended(timeout: float) -> bool:
-    status_file = os.environ.get(STATUS_FILE_ENV)
+    exit_file = _launch_file("exit_code", 0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if status_file and os.path.exists(status_file):
+        if exit_file is not None and exit_file.exists():
             return True
         time.sleep(0.1)
     return False
@@ -57,13 +79,17 @@ def print_error(message: str, agreed: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def register_with_launcher() -> None:
+    """Tell `trainer.launch` (if it started this process) which process to signal."""
+    _write_launch_file("pid", f"{os.getpid()}\n")
+
+
 def record_exit_code(code: int) -> None:
-    """Tell `trainer.launch` how the run ended (it cannot see a child's code once torch's
-    launcher has been interrupted by a signal)."""
-    path = os.environ.get(STATUS_FILE_ENV)
-    if path and launched_rank() == 0:
-        with open(path, "w") as file:
-            file.write(f"{code}\n")
+    """Tell `trainer.launch` how this process ended: the library launcher between them reports
+    any failure as its own exit code 1 (or 128 + N after a signal)."""
+    _write_launch_file("exit_code", f"{code}\n")
+    if code != 0 and os.environ.get(LAUNCH_DIR_ENV):
+        print(LAUNCHER_REPORT_FOLLOWS, end="", file=sys.stderr, flush=True)
 
 
 def say(message: str) -> None:

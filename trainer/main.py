@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -31,7 +32,8 @@ from data import StaleCacheError, describe_ignored
 from modeling import StudentLoadError, TeacherLoadError, load_student
 from modeling.summary import count as count_parameters
 from trainer.config import Config, ConfigError, flat_hparams, load_config, resume_config, to_yaml
-from trainer.console import ArgumentParser, plural, print_error, record_exit_code, say, setup_logging
+from trainer.console import (ArgumentParser, launched_rank, plural, print_error, record_exit_code,
+                             register_with_launcher, say, setup_logging)
 from trainer.errors import AgreedRunError, RunError
 from trainer.processes import check_world_size, die_with_launcher
 from trainer.ship.export import ExportError, export_student
@@ -44,7 +46,7 @@ from trainer.train.run_dir import CONFIG_FILE, ONNX_FILE, RUN_MARKER, check_run_
 
 logger = get_logger(__name__)
 
-EXIT_INTERRUPTED_EARLY = 130  # Ctrl-C before training started: nothing to save
+EXIT_INTERRUPTED_EARLY = 130  # Ctrl-C or SIGTERM before training started: nothing to save
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -270,6 +272,10 @@ USER_ERRORS = (ConfigError, RunError, TeacherLoadError, StudentLoadError, Checkp
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    # Until the loop takes SIGTERM over (a flag, then a saved state), it ends set-up like Ctrl-C:
+    # one line and a recorded exit code, not a silent death the launcher would report at length.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    register_with_launcher()
     die_with_launcher()
     try:
         cfg, resume, messages = resolve_config(args)
@@ -277,8 +283,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as error:
         print_error(str(error), agreed=isinstance(error, AgreedRunError))
         code = EXIT_SETUP
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal: nothing to save yet
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM before the loop took the signals over: nothing to save yet
+        if launched_rank() == 0:
+            print("interrupted before training started; nothing was saved", file=sys.stderr)
         code = EXIT_INTERRUPTED_EARLY
     record_exit_code(code)
     return code

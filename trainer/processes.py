@@ -7,11 +7,28 @@ import os
 import signal
 import sys
 
-from accelerate import Accelerator
+from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError
 
+if TYPE_CHECKING:  # trainer.launch imports this module and needs neither accelerate nor torch
+    from accelerate import Accelerator
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+# libc, opened once on import: `ask_for_sigterm_when_parent_dies` also runs between fork and exec
+# (trainer.launch's child), where loading a library is not safe.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def ask_for_sigterm_when_parent_dies() -> bool:
+    """PR_SET_PDEATHSIG: Linux sends this process SIGTERM when its parent dies. -> whether the
+    request was taken (not on other systems, or a libc without prctl)."""
+    try:
+        return _LIBC is not None and _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) == 0
+    except AttributeError:
+        return False
 
 
 def die_with_launcher() -> None:
@@ -20,18 +37,12 @@ def die_with_launcher() -> None:
     A scheduler stops a job by signalling PID 1, which is the launcher: without this, a killed
     `accelerate launch` leaves the trainer running on, unsupervised. SIGTERM is the trainer's
     'save a resumable state and stop' signal, so the run ends as cleanly as if it had been asked."""
-    if not sys.platform.startswith("linux"):
-        return
     parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # no prctl in this libc: keep the default behaviour
-        return
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if ask_for_sigterm_when_parent_dies() and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher died before the request took effect
 
 
-def check_world_size(accelerator: Accelerator) -> None:
+def check_world_size(accelerator: "Accelerator") -> None:
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two
     processes that each believe they are alone unless ACCELERATE_USE_CPU=true: they would each
     do all the work and overwrite each other's files (or print every result twice)."""
