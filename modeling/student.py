@@ -9,6 +9,7 @@ every way the folder can be broken into one `StudentLoadError` line.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,8 +140,8 @@ def _read_config(folder: Path) -> dict:
 def _build_from_config(config: dict, config_path: Path) -> StudentDepthModel:
     # Keys this version does not know are ignored, as PyTorchModelHubMixin does, and keys it added
     # since (input_size, image_mean, image_std) take their defaults, so older folders still load.
-    known = {key: value for key, value in config.items() if key in StudentDepthModel._hub_mixin_init_parameters
-             and key != "self"}
+    accepted = inspect.signature(StudentDepthModel.__init__).parameters
+    known = {key: value for key, value in config.items() if key in accepted and key != "self"}
     # Folders saved before decoders had names all hold MiniDPT, whose widths they record.
     known.setdefault("decoder", "dpt")
     try:

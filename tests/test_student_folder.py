@@ -59,9 +59,10 @@ def test_config_records_input_size_and_normalisation(saved, student):
         assert torch.equal(loaded(images), student(images))
 
 
-def test_build_records_input_size():
+def test_build_records_input_size(tmp_path):
     model = StudentDepthModel.build(decoder_width=16, head_width=8, input_size=128)
-    assert model.input_size == 128 and model._hub_mixin_config["input_size"] == 128
+    model.save_pretrained(tmp_path)
+    assert model.input_size == 128 and json.loads((tmp_path / "config.json").read_text())["input_size"] == 128
 
 
 def test_old_config_without_the_new_keys_loads_with_defaults(tmp_path):

@@ -52,7 +52,8 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 # For student folders saved before config.json recorded input_size, and dynamic-size ONNX files.
 DEFAULT_SIZE = 256
-# torch.quantile, which colorize uses, refuses inputs of more than 2**24 elements.
+# torch.quantile, which colorize uses, refuses inputs of more than 2**24 elements in some torch releases
+# (2.14.1 on the CPU no longer does); colouring a downscaled copy of a larger map costs one resize.
 _MAX_COLORIZE_PIXELS = 2**24
 # Side-by-side images of 12 MP photos would be 24 MP PNGs, slow to write and to open.
 COMPARE_MAX_HEIGHT = 1024
