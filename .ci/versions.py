@@ -37,8 +37,8 @@ README = REPO / "README.md"
 TABLE_START, TABLE_END = "<!-- tested-versions: written by .ci/versions.py -->", "<!-- /tested-versions -->"
 EXTRAS = ("mobile", "dev")  # every extra: the suite exercises them all
 OLDEST_CHECKED = ("accelerate",)  # packages whose lower bound `oldest` installs
-OLDEST_TESTS = ["tests/test_cli.py", "tests/test_library_surface.py", "-k",
-                "signal or launch or exit_code or config_error or accelerate"]
+OLDEST_TESTS = ["tests/test_launch.py", "tests/test_cli.py", "tests/test_library_surface.py", "-k",
+                "launch or signal or exit_code or config_error or accelerate"]
 HEADER = ("# The versions the whole test suite last passed with, as pip constraints:\n"
           "#   pip install -c tested-versions.txt -e '.[dev]'\n"
           "# Written by `python3 .ci/versions.py refresh`; setup.cfg's upper bounds are these versions.\n")
