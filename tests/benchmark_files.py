@@ -166,4 +166,12 @@ def make_benchmark_root(root: Path, seed: int = 0) -> Path:
     make_diode(root / "diode", rng)
     make_sintel(root / "sintel", rng)
     make_da2k(root / "da2k", rng)
+    make_synthetic(root / "synthetic")
     return root
+
+
+def make_synthetic(folder: Path) -> None:
+    """Three samples of the test world, written by the generator itself (its own format)."""
+    from data.synthetic import WorldSpec, generate
+
+    generate(folder, WorldSpec("test", 0, 48, 40), count=3)

@@ -28,7 +28,7 @@ from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS
 from trainer.benchmark.run import main
 
 REPO = Path(__file__).resolve().parents[1]
-DEPTH_BENCHMARKS = ("nyu", "kitti", "eth3d", "diode", "sintel")
+DEPTH_BENCHMARKS = ("nyu", "kitti", "eth3d", "diode", "sintel", "synthetic")
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +359,8 @@ def test_model_kinds(checkpoint, tmp_path, tiny_teacher):
 def _launch(root: Path, models: list[str], out: Path, config: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}.yaml",
-               "-m", "trainer.benchmark", "--root", str(root), "--teacher-size", "70", "--json", str(out)]
+               "-m", "trainer.benchmark", "--root", str(root), "--teacher-size", "70", "--json", str(out),
+               "--suite", ",".join(BENCHMARKS)]
     for model in models:
         command += ["--model", model]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -152,7 +152,7 @@ def _eth3d(file, image: Image.Image) -> np.ndarray:
     return read_eth3d_depth(file, image.height, image.width)
 
 
-def _diode(file, image: Image.Image) -> np.ndarray:
+def _npy(file, image: Image.Image) -> np.ndarray:
     return read_npy_depth(file)
 
 
@@ -380,13 +380,13 @@ def open_reader(name: str, folder: Path) -> Reader:
                                "dslr_images", folder_files, _eth3d)
     if name == "diode":
         if marigold_list.is_file():
-            return DepthFileReader(name, folder, rows, layout, files, _diode)
+            return DepthFileReader(name, folder, rows, layout, files, _npy)
         # val.tar.gz unpacked: val/{indoors,outdoor}/scene_*/scan_*/<name>.png + _depth(_mask).npy
         rows = _scan(folder, "**/*_depth.npy",
                      lambda depth: (depth.with_name(depth.name[:-len("_depth.npy")] + ".png"), depth,
                                     depth.with_name(depth.name[:-len(".npy")] + "_mask.npy")))
         return DepthFileReader(name, folder, rows, "<name>.png + <name>_depth.npy + <name>_depth_mask.npy",
-                               folder_files, _diode)
+                               folder_files, _npy)
     if name == "sintel":
         rows = _scan(folder, "training/depth/*/*.dpt",
                      lambda depth: (folder / "training" / "final" / depth.parent.name / f"{depth.stem}.png", depth))
@@ -394,6 +394,10 @@ def open_reader(name: str, folder: Path) -> Reader:
                                folder_files, _sintel)
     if name == "da2k":
         return Da2kReader(folder)
+    if name == "synthetic":  # python -m data.synthetic --world test: depth 0 where invalid (sky, out of range)
+        rows = _scan(folder, "depth/*.npy", lambda depth: (folder / "images" / f"{depth.stem}.png", depth))
+        return DepthFileReader(name, folder, rows, "images/*.png + depth/*.npy (python -m data.synthetic)",
+                               folder_files, _npy)
     raise ValueError(f"unknown benchmark {name!r}")
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 from trainer.console import ArgumentParser, comma_choices, output_path_problem, print_error, say, setup_logging
 from trainer.errors import RunError
-from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS
+from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS, PUBLISHED
 
 
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -33,8 +33,9 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", action="append", required=True,
                         help="a student folder, an .onnx file, or teacher:small / teacher:<hub id or folder>; "
                              "repeat for several")
-    parser.add_argument("--suite", default=",".join(BENCHMARKS),
-                        help=f"comma-separated benchmarks (default: all of {','.join(BENCHMARKS)})")
+    parser.add_argument("--suite", default=",".join(PUBLISHED),
+                        help=f"comma-separated benchmarks of {','.join(BENCHMARKS)} (default: the published ones, "
+                             f"{','.join(PUBLISHED)})")
     parser.add_argument("--root", required=True, help="folder holding one sub-folder per benchmark (nyu/, kitti/, ...)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="disparity",
                         help="where the prediction is aligned to the ground truth (default: disparity)")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from data.datasets import CROPS, crop_mask
+from data.synthetic import MAX_DEPTH as SYNTHETIC_MAX_DEPTH, MIN_DEPTH as SYNTHETIC_MIN_DEPTH
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Benchmark:
     crop: Optional[str]  # a key of data.datasets.CROPS, applied to the valid mask
     source: str  # where the split, range and crop come from
     pairs: bool = False  # DA-2K: annotated point pairs instead of a depth map
+    published: bool = True  # run by default; the synthetic world is run when named
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
@@ -49,7 +51,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               1064, 1e-3, 70.0, None, "DepthCrafter / Video Depth Anything benchmark (benchmark/eval/eval.py)"),
     Benchmark("da2k", "DA-2K", "the pairs of annotations.json: is the point marked closer predicted closer?",
               None, 0.0, math.inf, None, "Depth Anything V2 (Yang et al. 2024), DA-2K.md", pairs=True),
+    Benchmark("synthetic", "Synthetic", "the held-out test world of python -m data.synthetic (textures and layouts "
+              "no training world uses)", None, SYNTHETIC_MIN_DEPTH, SYNTHETIC_MAX_DEPTH, None,
+              "data/synthetic.py: exact z-depth by ray casting; sky and anything beyond the range are invalid",
+              published=False),
 )}
+PUBLISHED = tuple(name for name, benchmark in BENCHMARKS.items() if benchmark.published)
 
 
 @dataclass(frozen=True)
