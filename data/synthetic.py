@@ -88,6 +88,25 @@ class Camera:
         directions = forward + uu.reshape(-1, 1) * right - vv.reshape(-1, 1) * up
         return torch.tensor([0.0, self.height, 0.0]), directions
 
+    def pixels_that_may_see(self, centre: torch.Tensor, radius: float) -> Optional[torch.Tensor]:
+        """Flat indices of the pixels whose rays may meet the sphere (centre, radius): the window
+        its camera-frame bounding cube projects to; None (all of them) if it reaches the camera."""
+        right, up, forward = self.axes()
+        relative = centre - torch.tensor([0.0, self.height, 0.0])
+        x, y, z = float(relative @ right), float(relative @ up), float(relative @ forward)
+        if z - radius < 1e-3:
+            return None
+        depths = (z - radius, z + radius)
+        us = [side / depth for side in (x - radius, x + radius) for depth in depths]
+        vs = [-side / depth for side in (y - radius, y + radius) for depth in depths]  # rows grow downwards
+        c0 = max(0, math.floor(min(us) * self.focal + self.width / 2 - 0.5))
+        c1 = min(self.width - 1, math.ceil(max(us) * self.focal + self.width / 2 - 0.5))
+        r0 = max(0, math.floor(min(vs) * self.focal + self.height_px / 2 - 0.5))
+        r1 = min(self.height_px - 1, math.ceil(max(vs) * self.focal + self.height_px / 2 - 0.5))
+        if c0 > c1 or r0 > r1:
+            return torch.empty(0, dtype=torch.long)
+        return (torch.arange(r0, r1 + 1)[:, None] * self.width + torch.arange(c0, c1 + 1)).reshape(-1)
+
 
 # --- the shapes: each returns (distance, normal) per ray, inf where missed ---------------------------
 
@@ -222,35 +241,26 @@ def _bounds(surface: Surface) -> Optional[tuple[torch.Tensor, float]]:
     return None
 
 
-def _may_hit(origins: torch.Tensor, d: torch.Tensor, bounds: tuple[torch.Tensor, float]) -> torch.Tensor:
-    """Indices of the rays (origins: (3,) or (N, 3)) that meet the bounding sphere ahead of them."""
-    centre, radius = bounds
-    oc = origins - centre
-    a = dot(d, d)
-    b = dot(d, oc) if oc.dim() == 2 else d @ oc
-    c = (dot(oc, oc) if oc.dim() == 2 else oc @ oc) - radius ** 2
-    disc = b * b - a * c
-    return ((disc >= 0) & ((b < 0) | (c < 0))).nonzero().squeeze(1)
-
-
-def intersect(surfaces, o: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (distance, index of the surface hit (-1: none), normal) of the nearest hit per ray."""
+def intersect(camera: Camera, surfaces, o: torch.Tensor,
+              d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (distance, index of the surface hit (-1: none), normal) of the nearest hit per camera ray.
+    A shape is tested only on the pixels its bounding sphere may cover."""
     t = torch.full((d.shape[0],), INF)
     which = torch.full((d.shape[0],), -1, dtype=torch.long)
     normal = torch.zeros_like(d)
     for index, surface in enumerate(surfaces):
         bounds = _bounds(surface)
-        rows = None if bounds is None else _may_hit(o, d, bounds)
-        if rows is not None and rows.numel() == 0:
-            continue
-        t_s, n_s = _hit(surface, o, d if rows is None else d[rows])
-        if rows is not None:
-            t_s = torch.full_like(t, INF).index_copy(0, rows, t_s)
-            n_s = torch.zeros_like(normal).index_copy(0, rows, n_s)
-        nearer = t_s < t
-        t = torch.where(nearer, t_s, t)
-        which = torch.where(nearer, index, which)
-        normal = torch.where(nearer[:, None], n_s, normal)
+        rows = None if bounds is None else camera.pixels_that_may_see(*bounds)
+        if rows is None:  # every ray
+            t_s, n_s = _hit(surface, o, d)
+            nearer = t_s < t
+            t, which = torch.where(nearer, t_s, t), torch.where(nearer, index, which)
+            normal = torch.where(nearer[:, None], n_s, normal)
+        elif rows.numel():
+            t_s, n_s = _hit(surface, o, d[rows])
+            nearer = t_s < t[rows]
+            rows = rows[nearer]
+            t[rows], which[rows], normal[rows] = t_s[nearer], index, n_s[nearer]
     return t, which, normal
 
 
@@ -259,7 +269,12 @@ def _planar_uv(point: torch.Tensor, normal: torch.Tensor, surface: Surface) -> t
     if surface.kind == "box":  # in the box's own frame, so that its faces keep their texture when it turns
         rotation = _yaw_matrix(surface.params[6])
         point, normal = (point - torch.tensor(surface.params[0:3])) @ rotation.T, normal @ rotation.T
-    if surface.kind == "cylinder":
+    if surface.kind == "ground":
+        uv = point[:, 0::2]
+    elif surface.kind == "wall":  # along the wall, and up
+        along = torch.linalg.cross(torch.tensor(surface.params[3:6]), torch.tensor([0.0, 1.0, 0.0]))
+        uv = torch.stack([point @ along, point[:, 1]], 1)
+    elif surface.kind == "cylinder":
         base = torch.tensor(surface.params[0:3])
         angle = torch.atan2(point[:, 2] - base[2], point[:, 0] - base[0]) * surface.params[3]
         side = torch.stack([angle, point[:, 1]], 1)
@@ -276,7 +291,7 @@ def render(scene: Scene, bank: "TextureBank") -> tuple[np.ndarray, np.ndarray]:
     """-> (RGB uint8 (H, W, 3), z-depth float32 (H, W) in metres, 0 where invalid)."""
     cam = scene.camera
     o, d = cam.rays()
-    t, which, normal = intersect(scene.surfaces, o, d)
+    t, which, normal = intersect(cam, scene.surfaces, o, d)
     hit = which >= 0
     point = o + t.clamp(max=1e6)[:, None] * d
     albedo = torch.zeros_like(d)
@@ -297,10 +312,21 @@ def render(scene: Scene, bank: "TextureBank") -> tuple[np.ndarray, np.ndarray]:
     rows = (hit & (lit > 0)).nonzero().squeeze(1)
     if rows.numel():
         origins, blocked = shadow_origin[rows], torch.zeros(rows.numel(), dtype=torch.bool)
+        # Shadow rays are parallel: in a frame whose third axis is the sun, a shape's bounding sphere
+        # can only shade the points within its radius on the first two axes, and below its top.
+        across = torch.linalg.cross(sun, torch.tensor([0.0, 0.0, 1.0]) if abs(scene.sun[2]) < 0.9
+                                    else torch.tensor([1.0, 0.0, 0.0]))
+        frame = torch.stack([across / across.norm(), torch.linalg.cross(sun, across / across.norm()), sun], 1)
+        projected = origins @ frame
         for surface in scene.surfaces[1:]:  # each shadow ray starts at its own point; the ground casts none
             bounds = _bounds(surface)
-            near = (torch.arange(rows.numel()) if bounds is None
-                    else _may_hit(origins, sun.expand_as(origins), bounds))
+            if bounds is None:  # a wall: every point
+                blocked |= torch.isfinite(_hit_from_points(surface, origins, sun))
+                continue
+            centre = bounds[0] @ frame
+            near = (((projected[:, 0] - centre[0]).abs() <= bounds[1])
+                    & ((projected[:, 1] - centre[1]).abs() <= bounds[1])
+                    & (projected[:, 2] <= centre[2] + bounds[1])).nonzero().squeeze(1)
             if near.numel():
                 blocked[near] |= torch.isfinite(_hit_from_points(surface, origins[near], sun))
         shadowed[rows] = blocked
@@ -309,10 +335,10 @@ def render(scene: Scene, bank: "TextureBank") -> tuple[np.ndarray, np.ndarray]:
     fog = torch.exp(-scene.haze * t.clamp(max=1e6) * ray_length)[:, None]
     colour = colour * fog + torch.tensor(scene.haze_colour) * (1 - fog)
     horizon, zenith = torch.tensor(scene.sky[0]), torch.tensor(scene.sky[1])
-    elevation = (d[:, 1] / ray_length).clamp(0, 1)[:, None] ** 0.6
+    elevation = (d[:, 1] / ray_length).clamp(0, 1)[:, None].sqrt()
     sky = horizon * (1 - elevation) + zenith * elevation
     colour = torch.where(hit[:, None], colour, sky)
-    image = (colour.clamp(0, 1) ** (1 / 2.2) * 255).round().to(torch.uint8)
+    image = (colour.clamp(0, 1).sqrt() * 255).round().to(torch.uint8)  # gamma 2: linear light to sRGB-like
     depth = torch.where(hit & (t > MIN_DEPTH) & (t < MAX_DEPTH), t, torch.zeros_like(t))
     shape = (cam.height_px, cam.width)
     return image.reshape(*shape, 3).numpy(), depth.reshape(shape).numpy().astype(np.float32)
@@ -447,7 +473,7 @@ class TextureBank:
     def __init__(self, textures: list[np.ndarray]):
         self.levels = []
         for texture in textures:
-            level = torch.from_numpy(np.ascontiguousarray(texture)).permute(2, 0, 1)[None] ** 2.2
+            level = torch.from_numpy(np.ascontiguousarray(texture)).permute(2, 0, 1)[None] ** 2  # linear light
             pyramid = [level]
             for _ in range(MIP_LEVELS - 1):
                 pyramid.append(F.avg_pool2d(pyramid[-1], 2))
@@ -457,23 +483,16 @@ class TextureBank:
         return len(self.levels)
 
     def sample(self, texture: int, uv: torch.Tensor, texels_per_pixel: torch.Tensor) -> torch.Tensor:
-        """Colours (N, 3) at `uv` (in tiles, any range: the texture repeats), blended between the
-        two mip levels whose texel size brackets the pixel's footprint."""
-        level = texels_per_pixel.clamp(min=1).log2().clamp(max=MIP_LEVELS - 1)
-        low = level.floor().long().clamp(max=MIP_LEVELS - 2)
-        blend = (level - low).clamp(0, 1)[:, None]
+        """Colours (N, 3) at `uv` (in tiles, any range: the texture repeats), bilinear in the mip
+        level whose texel size is nearest the pixel's footprint."""
+        level = texels_per_pixel.clamp(min=1).log2().round().clamp(max=MIP_LEVELS - 1).long()
         grid = (uv - uv.floor()) * 2 - 1
-        colours = torch.zeros(uv.shape[0], 3)
-        for index in range(MIP_LEVELS - 1):
-            rows = (low == index).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            g = grid[rows][None, None]
-            fine = F.grid_sample(self.levels[texture][index], g, mode="bilinear", padding_mode="border",
-                                 align_corners=False)[0, :, 0].T
-            coarse = F.grid_sample(self.levels[texture][index + 1], g, mode="bilinear", padding_mode="border",
-                                   align_corners=False)[0, :, 0].T
-            colours[rows] = fine * (1 - blend[rows]) + coarse * blend[rows]
+        colours = torch.empty(uv.shape[0], 3)
+        for index in range(MIP_LEVELS):
+            rows = (level == index).nonzero().squeeze(1)
+            if rows.numel():
+                colours[rows] = F.grid_sample(self.levels[texture][index], grid[rows][None, None], mode="bilinear",
+                                              padding_mode="border", align_corners=False)[0, :, 0].T
         return colours
 
 
@@ -538,8 +557,8 @@ def sample_scene(seed: int, world: str, index: int, width: int, height: int) -> 
     return Scene(camera=camera, surfaces=tuple(surfaces), sun=sun, sun_strength=float(rng.uniform(0.6, 1.1)),
                  ambient=float(rng.uniform(0.15, 0.45)), haze=float(np.exp(rng.uniform(np.log(0.004),
                                                                                        np.log(0.04)))),
-                 haze_colour=tuple(h ** 2.2 for h in horizon), sky=(tuple(h ** 2.2 for h in horizon),
-                                                                    tuple(z ** 2.2 for z in zenith)))
+                 haze_colour=tuple(h ** 2 for h in horizon), sky=(tuple(h ** 2 for h in horizon),
+                                                                  tuple(z ** 2 for z in zenith)))
 
 
 def render_sample(seed: int, world: str, index: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -569,10 +588,11 @@ def write_sample(out: Path, spec: WorldSpec, index: int) -> None:
     image, depth = render_sample(spec.seed, spec.world, index, spec.width, spec.height)
     stem = f"{index:06d}"
     _write_atomically(out / "depth" / f"{stem}.npy", lambda p: np.save(open(p, "wb"), depth))
-    _write_atomically(out / "mask" / f"{stem}.png",
-                      lambda p: Image.fromarray(((depth > 0) * 255).astype(np.uint8)).save(p, format="PNG"))
+    mask = Image.fromarray(((depth > 0) * 255).astype(np.uint8))
+    _write_atomically(out / "mask" / f"{stem}.png", lambda p: mask.save(p, format="PNG", compress_level=1))
     # The image last: a sample counts as written once its image is there.
-    _write_atomically(out / "images" / f"{stem}.png", lambda p: Image.fromarray(image).save(p, format="PNG"))
+    _write_atomically(out / "images" / f"{stem}.png",
+                      lambda p: Image.fromarray(image).save(p, format="PNG", compress_level=1))
 
 
 def _worker(args: tuple[Path, WorldSpec, list[int]]) -> int:
@@ -607,6 +627,7 @@ def generate(out: Path, spec: WorldSpec, count: int, workers: int = 1) -> int:
     """Write samples 0..count-1 that are not there yet -> how many were written."""
     prepare_folder(out, spec)
     todo = [i for i in range(count) if not (out / "images" / f"{i:06d}.png").is_file()]
+    texture_bank(spec.world)  # built once, before the workers fork
     if workers <= 1 or len(todo) < 2:
         return _worker((out, spec, todo))
     import multiprocessing
