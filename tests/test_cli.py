@@ -201,6 +201,12 @@ def test_exit_codes_through_launch_sh(tmp_path, photo_dir):
     assert export_failed.returncode == 3, export_failed.stderr[-3000:]
     assert "Traceback" not in export_failed.stderr and "ONNX export" in export_failed.stderr
     assert (tmp_path / "export" / "student_last" / "model.safetensors").is_file()
+    # Two processes (torch's launcher reports the failure with its own traceback): still the
+    # trainer's code and its one line.
+    save_failed = launch_sh(tiny_run_args(tmp_path / "full", photo_dir, "train.max_steps=4", "train.save_every=2",
+                                          "data.val_fraction=0", "export.enabled=false"), "cpu_2proc",
+                            fault="diskfull@3")
+    assert_one_clean_error(save_failed, 4, "could not save the end of the run at step 4")
 
 
 def _start(args: list[str], accelerate_config: str) -> subprocess.Popen:
