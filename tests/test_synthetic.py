@@ -151,3 +151,25 @@ def test_world_json_records_the_range_every_mask_uses(tmp_path):
     assert main(["--out", str(tmp_path / "w"), "--count", "1", "--size", "16x16", "--workers", "1"]) == 0
     spec = json.loads((tmp_path / "w" / "world.json").read_text())
     assert spec == asdict(WorldSpec("train", 0, 16, 16))
+
+
+def test_a_shape_casts_its_shadow_straight_down_under_a_sun_overhead():
+    """Sun at the zenith, no haze: the ground under a floating sphere gets ambient light only,
+    exactly inside the disc below it (radius r), and the full sun outside."""
+    camera = Camera(height=3.0, pitch=math.radians(60), roll=0.0, hfov=math.radians(60), width=64, height_px=64)
+    centre, radius = np.array([0.4, 1.0, 2.0]), 0.4
+    scene = Scene(camera=camera, surfaces=(Surface("ground", (), 0, 1.0, (0.0, 0.0)),
+                                           shape("sphere", *centre, radius)),
+                  sun=(0.0, 1.0, 0.0), sun_strength=0.8, ambient=0.2, haze=0.0, haze_colour=(0.0, 0.0, 0.0),
+                  sky=((0.7, 0.7, 0.8), (0.2, 0.3, 0.7)))
+    image, depth = render(scene, GREY)
+    origin, directions = camera.rays()
+    points = origin.numpy() + depth.reshape(-1, 1) * directions.numpy()
+    on_ground = np.abs(points[:, 1]) < 1e-3
+    from_axis = np.hypot(points[:, 0] - centre[0], points[:, 2] - centre[2])
+    brightness = image.reshape(-1, 3).mean(1)
+    shadow = brightness[on_ground & (from_axis < radius - 0.03)]
+    lit = brightness[on_ground & (from_axis > radius + 0.03)]
+    assert shadow.size > 20 and lit.size > 20
+    # Linear light 0.25 x 0.2 in the shadow and 0.25 x 1.0 outside, then gamma 2: 255 * sqrt(...).
+    assert np.allclose(shadow, 255 * math.sqrt(0.25 * 0.2), atol=1) and np.allclose(lit, 255 * math.sqrt(0.25), atol=1)
