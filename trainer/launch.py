@@ -176,7 +176,10 @@ def launch(argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return launch(sys.argv[1:] if argv is None else argv)
+    try:
+        return launch(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C while importing accelerate, before the trainer was started
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
