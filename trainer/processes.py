@@ -7,12 +7,9 @@ import os
 import signal
 import sys
 
-from typing import TYPE_CHECKING
+from accelerate import Accelerator
 
 from trainer.config import ConfigError
-
-if TYPE_CHECKING:  # trainer.launch imports this module and needs neither accelerate nor torch
-    from accelerate import Accelerator
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -42,7 +39,7 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the launcher died before the request took effect
 
 
-def check_world_size(accelerator: "Accelerator") -> None:
+def check_world_size(accelerator: Accelerator) -> None:
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two
     processes that each believe they are alone unless ACCELERATE_USE_CPU=true: they would each
     do all the work and overwrite each other's files (or print every result twice)."""
