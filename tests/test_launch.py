@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.test_cli import LAUNCH_ENV, _wait_for_training
+from tests.test_cli import LAUNCH_ENV, _start, _wait_for_training
 from tests.test_trainer import REPO, tiny_run_args
 from trainer.console import LAUNCH_DIR_ENV, LAUNCHER_REPORT_FOLLOWS
 from trainer.launch import copy_stderr, exit_code
@@ -88,3 +89,20 @@ def test_sigterm_to_the_trainer_under_plain_accelerate_launch_saves_and_exits_0(
     assert "interrupted: resumable state saved at step" in stdout
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 1
     assert (launch_dir / "exit_code.0").read_text().strip() == "0"
+
+
+def test_a_killed_launcher_leaves_nothing_of_the_run_running(tmp_path, photo_dir):
+    """SIGKILL to trainer.launch (no chance to pass anything on), whose child, accelerate's launcher,
+    sits in a process group of its own: the run still ends. (Two things end it: the launcher loses
+    the reader of its stderr at its next write, and Linux sends it SIGTERM, PR_SET_PDEATHSIG; either
+    alone suffices, so the test cannot tell them apart.)"""
+    run_dir = tmp_path / "run"
+    process = _start(tiny_run_args(run_dir, photo_dir, "train.max_steps=100000", "train.save_every=100000",
+                                   "data.val_fraction=0"), "cpu")
+    _wait_for_training(run_dir, process)
+    process.kill()
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the run kept going after its launcher was killed"
+        time.sleep(0.5)
