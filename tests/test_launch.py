@@ -106,3 +106,10 @@ def test_a_killed_launcher_leaves_nothing_of_the_run_running(tmp_path, photo_dir
     while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the run kept going after its launcher was killed"
         time.sleep(0.5)
+
+
+def test_with_verbose_every_processs_marker_is_removed_and_nothing_dropped(monkeypatch):
+    first, second, report = b"error: one\n", b"error: two\n", b"Traceback ...\n"
+    stream = first + MARKER + second + MARKER + report
+    assert copied([stream], False, monkeypatch) == first + second + report
+    assert copied([stream], True, monkeypatch) == first

@@ -119,14 +119,12 @@ def copy_stderr(source, drop_after_marker: bool) -> None:
         if dropping:
             continue
         pending += chunk
-        at = pending.find(marker)
-        if at >= 0:
+        while (at := pending.find(marker)) >= 0:  # one per process that failed
             out.write(pending[:at])
             pending, dropping = pending[at + len(marker):], drop_after_marker
-            if not dropping:
-                out.write(pending)
-                pending = b""
-        else:
+            if dropping:
+                break
+        if not dropping:
             # Hold back only a tail that could be the start of a marker split across two reads.
             keep = next((n for n in range(min(len(marker) - 1, len(pending)), 0, -1)
                          if marker.startswith(pending[-n:])), 0)
