@@ -20,6 +20,7 @@ depends only on (seed, world, index), so any number of worker processes writes t
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from data.teacher_cache import write_json_atomically
 
 MIN_DEPTH, MAX_DEPTH = 0.1, 40.0  # metres: the valid range written into every mask
 WORLDS = ("train", "test")
@@ -201,7 +204,7 @@ def hit_cylinder(o: torch.Tensor, d: torch.Tensor, base: torch.Tensor, radius: f
 @dataclass(frozen=True)
 class Surface:
     kind: str  # ground | wall | box | sphere | cylinder
-    params: tuple  # the shape's numbers (see `Scene.intersect`)
+    params: tuple  # the shape's numbers (see `_hit`)
     texture: int  # index into the world's texture bank
     tile: float  # metres per texture tile
     offset: tuple[float, float]  # texture offset, in tiles
@@ -544,10 +547,16 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(partial, path)
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()  # np.save to a path would add ".npy" to the temporary file's name
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def write_sample(out: Path, spec: WorldSpec, index: int) -> None:
     image, depth = render_sample(spec.seed, spec.world, index, spec.width, spec.height)
     stem = f"{index:06d}"
-    _write_atomically(out / "depth" / f"{stem}.npy", lambda p: np.save(open(p, "wb"), depth))
+    _write_atomically(out / "depth" / f"{stem}.npy", lambda p: p.write_bytes(_npy_bytes(depth)))
     mask = Image.fromarray(((depth > 0) * 255).astype(np.uint8))
     _write_atomically(out / "mask" / f"{stem}.png", lambda p: mask.save(p, format="PNG", compress_level=1))
     # The image last: a sample counts as written once its image is there.
@@ -557,7 +566,6 @@ def write_sample(out: Path, spec: WorldSpec, index: int) -> None:
 
 def _worker(args: tuple[Path, WorldSpec, list[int]]) -> int:
     out, spec, indices = args
-    torch.set_num_threads(1)
     for index in indices:
         write_sample(out, spec, index)
     return len(indices)
@@ -573,14 +581,14 @@ def prepare_folder(out: Path, spec: WorldSpec) -> None:
     if out.exists() and any(out.iterdir()):
         if not meta.is_file():
             raise WorldError(f"{out} holds other files and no world.json: choose an empty or new folder")
-        written = json.loads(meta.read_text())
-        if written != asdict(spec):
-            changed = sorted(k for k in set(written) | set(asdict(spec)) if written.get(k) != asdict(spec).get(k))
+        written, wanted = json.loads(meta.read_text()), asdict(spec)
+        if written != wanted:
+            changed = sorted(k for k in written.keys() | wanted.keys() if written.get(k) != wanted.get(k))
             raise WorldError(f"{out} holds a world written with other settings ({', '.join(changed)}): choose "
                              f"another --out, or the same settings to add samples")
     for name in ("images", "depth", "mask"):
         (out / name).mkdir(parents=True, exist_ok=True)
-    _write_atomically(meta, lambda p: p.write_text(json.dumps(asdict(spec), indent=2) + "\n"))
+    write_json_atomically(meta, asdict(spec), indent=2)
 
 
 def generate(out: Path, spec: WorldSpec, count: int, workers: int = 1) -> int:
@@ -593,7 +601,8 @@ def generate(out: Path, spec: WorldSpec, count: int, workers: int = 1) -> int:
     import multiprocessing
 
     chunks = [(out, spec, todo[w::workers]) for w in range(workers)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # One thread each: the workers fill the cores (the calling process keeps its own setting).
+    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         return sum(pool.map(_worker, chunks))
 
 
