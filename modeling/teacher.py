@@ -116,7 +116,9 @@ class DepthAnythingTeacher(nn.Module):
                                    f"with save_pretrained, a hub id, or 'tiny'")
         try:
             source = str(Path(name).expanduser()) if looks_local else name
-            model = DepthAnythingForDepthEstimation.from_pretrained(source)
+            # float32 whatever the file stores (the world teacher ships float16 tensors to halve
+            # its size); `place` casts to half precision where the run asks for it.
+            model = DepthAnythingForDepthEstimation.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as error:  # hub errors subclass OSError; bad ids raise ValueError
             raise _load_error(name, error) from None
         return cls(model, feature_layers)
