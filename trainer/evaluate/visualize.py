@@ -103,3 +103,28 @@ def comparison_grid(images: torch.Tensor, teacher: torch.Tensor, student: torch.
     legend = _labelled_strip(width, [(tile + 2, "far", "lm"), (3 * tile - 2, "near", "rm"),
                                      (3 * tile + 2, "same", "lm"), (width - 2, "differs", "rm")])
     return torch.cat([header, *rows, bars, legend], dim=1)  # (3, H, W)
+
+
+def depth_comparison_picture(images: list[torch.Tensor], columns: dict[str, list[torch.Tensor]],
+                             colormap: str = "Spectral_r") -> torch.Tensor:
+    """Rows of input | one column per map, under titles, with ONE colour scale for every map and
+    a colour bar: for comparing predictions with ground truth, each already aligned to it.
+
+    images: (3, H, W) in [0, 1]; columns: {title: [(H, W) disparity]}, the first column the
+    reference (ground truth). Disparity 0 (the sky) is the bar's far end, the reference's 98th
+    percentile its near end."""
+    reference = torch.cat([m.flatten() for m in next(iter(columns.values()))])
+    near = reference[reference > 0].quantile(0.98).clamp_min(1e-8) if (reference > 0).any() else torch.tensor(1.0)
+    tiles = [torch.stack(images)]
+    for maps in columns.values():
+        tiles.append(colorize((torch.stack(maps)[:, None] / near).clamp(0, 1), colormap, stretch=False))
+    rows = torch.cat(tiles, dim=3).cpu()  # (B, 3, h, (1 + columns) w)
+    factor = max(1, math.ceil(MIN_TILE_HEIGHT / rows.shape[-2]))
+    rows = F.interpolate(rows, scale_factor=factor, mode="nearest")
+    width, tile = rows.shape[-1], rows.shape[-1] // len(tiles)
+    titles = ("input", *columns)
+    header = _labelled_strip(width, [(tile * i + tile // 2, title, "mm") for i, title in enumerate(titles)])
+    bars = torch.ones(3, BAR_HEIGHT, width)
+    bars[:, :, tile:] = _colour_bar(width - tile, colormap)
+    legend = _labelled_strip(width, [(tile + 2, "far (sky)", "lm"), (width - 2, "near", "rm")])
+    return torch.cat([header, *rows, bars, legend], dim=1)  # (3, H, W)

@@ -1,0 +1,418 @@
+"""Does distillation work? Students distilled by this trainer, scored on a world where depth is exact.
+
+    python -m bench.quality [--tiny] [--ablations] [--out DIR] [--teacher DIR] [--work DIR]
+
+1. Renders the synthetic worlds (`data.synthetic`): `train` scenes for the students to learn from,
+   and the held-out `test` world (textures and layouts no train scene uses) to score on.
+2. Takes the world teacher (`bench/world_teacher`, trained on the train world's exact depth by
+   `python -m bench.world_teacher`; or `--teacher DIR`). From here on no student sees ground truth,
+   except the one row that exists to show the ceiling.
+3. Trains each student row through the trainer's own entry point (`trainer/main.py` with the
+   `trainer/configs/world.yaml` preset and overrides), as a user would.
+4. Scores every row on the test world with the protocol of `trainer.benchmark` (per image,
+   least-squares scale and shift of the disparity to 1 / ground truth, Depth Anything V2's relative
+   protocol), and against the teacher (the trainer's validation metric).
+5. Writes `quality.md` (the table), `quality.json` (every figure and setting) and `quality.png`
+   (image | ground truth | teacher | student, on one colour scale) into --out.
+
+The rows: a constant map and the layout prior (each pixel's mean disparity over the train world:
+what a model knows without looking at the image) bound the table from below; the teacher; the
+default student; a student trained on ground truth directly, through the same trainer (its ceiling:
+the train world's exact disparity goes in through the teacher-cache path, in place of the teacher's
+maps); a student distilled from a teacher with random weights. The headline is the share of the
+teacher's gain over the layout prior that the student keeps, (prior - student) / (prior - teacher),
+in AbsRel and delta1.
+
+`--tiny` (the test suite runs it) is the same pipeline on a few hundred small scenes and a short
+schedule, with the rows that show distillation is wired right: the student before training, the
+distilled student, and a negative control distilled from the teacher's maps flipped left-right
+(misaligned with the student's input). `--ablations` adds one row per change from the default
+recipe.
+
+Exit codes: 0 the report was written, 1 a mistake (one `error:` line) or a failed training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from bench.world_teacher import SHIPPED as SHIPPED_TEACHER, build_model, Recipe
+from data.synthetic import WorldError, WorldSpec, generate
+from data.teacher_cache import INDEX_FILE
+from modeling import StudentLoadError, TeacherLoadError
+from trainer.benchmark.harness import depth_scores
+from trainer.benchmark.models import BenchmarkModel, load_benchmark_model
+from trainer.benchmark.readers import open_reader
+from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS, evaluation_mask
+from trainer.config import load_config
+from trainer.console import ArgumentParser, print_error
+from trainer.evaluate.metrics import METRIC_NAMES, depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
+from trainer.evaluate.visualize import depth_comparison_picture
+from trainer.errors import RunError
+from trainer.train.checkpoint import save_student
+from trainer.train.distill import build_student
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "trainer" / "configs" / "world.yaml"
+SYNTHETIC = BENCHMARKS["synthetic"]
+PROTOCOL = PROTOCOLS["disparity"]
+SEED = 0
+WORLD_SEED = 0
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big one mode of the run is."""
+    train_images: int
+    test_images: int
+    render_size: int  # scenes are rendered square, this many pixels a side
+    student_size: int
+    steps: int  # optimizer steps of each student
+    batch_size: int
+    num_workers: int  # DataLoader workers of each training run
+    val_fraction: float
+
+
+FULL = Scale(train_images=4000, test_images=200, render_size=256, student_size=256, steps=600, batch_size=16,
+             num_workers=1, val_fraction=0.02)
+TINY = Scale(train_images=256, test_images=32, render_size=128, student_size=128, steps=32, batch_size=8,
+             num_workers=0, val_fraction=0.05)
+
+
+@dataclass(frozen=True)
+class StudentRow:
+    name: str
+    targets: str = "teacher"  # teacher (live) | cache | flipped | ground_truth | random_teacher | untrained
+    overrides: tuple[str, ...] = ()
+    note: str = ""
+
+
+DEFAULT = StudentRow("student (default recipe)", note="distilled from the live teacher")
+HEADLINE_ROWS = (
+    DEFAULT,
+    StudentRow("student trained on ground truth", "ground_truth", ("distill.weights.feature=0",),
+               "the ceiling: exact disparity in place of the teacher's maps, no feature term"),
+    StudentRow("student of a random teacher", "random_teacher", note="the teacher's architecture, random weights"),
+)
+TINY_ROWS = (
+    StudentRow("student before training", "untrained", note="the default student's random weights"),
+    DEFAULT,
+    StudentRow("negative control: flipped teacher", "flipped",
+               note="the teacher's maps flipped left-right: targets misaligned with the student's input"),
+)
+ABLATION_ROWS = (
+    StudentRow("disparity terms only", overrides=("distill.weights.feature=0", "distill.weights.gradient=0")),
+    StudentRow("disparity + gradient", overrides=("distill.weights.feature=0",)),
+    StudentRow("+ feature x4", overrides=("distill.weights.feature=0.4",)),
+    StudentRow("cached teacher", "cache"),
+    StudentRow("DPT decoder", overrides=("student.decoder=dpt",)),
+    StudentRow("MobileNetV4-Conv-Small", overrides=("student.backbone=mobilenetv4_conv_small",)),
+    StudentRow("student input 384", overrides=("data.student_size=384",)),
+)
+
+
+# --- the worlds -------------------------------------------------------------------------------
+
+def render_worlds(work: Path, scale: Scale) -> dict[str, Path]:
+    worlds = {}
+    for world, count in (("train", scale.train_images), ("test", scale.test_images)):
+        folder = work / "worlds" / f"{world}_{scale.render_size}"
+        started = time.perf_counter()
+        written = generate(folder, WorldSpec(world, WORLD_SEED, scale.render_size, scale.render_size), count,
+                           workers=2)
+        if written:
+            print(f"rendered {written} {world} scenes in {time.perf_counter() - started:.0f} s", flush=True)
+        worlds[world] = folder
+    return worlds
+
+
+def _disparity(depth: np.ndarray) -> np.ndarray:
+    return np.where(depth > 0, 1 / np.maximum(depth, 1e-6), 0).astype(np.float32)
+
+
+def layout_prior(train_world: Path, count: int) -> torch.Tensor:
+    """(1, 1, H, W): each pixel's mean disparity over the train world (0 counts for the sky)."""
+    total = None
+    for index in range(count):
+        disparity = _disparity(np.load(train_world / "depth" / f"{index:06d}.npy"))
+        total = disparity if total is None else total + disparity
+    return torch.from_numpy(total / count)[None, None]
+
+
+# --- the rows' models -------------------------------------------------------------------------
+
+def _blind(name: str, disparity: Callable[[], torch.Tensor], note: str) -> BenchmarkModel:
+    """A row that never looks at the image."""
+    return BenchmarkModel(name, False, lambda image: torch.zeros(1), lambda _: disparity(), note)
+
+
+def _run(what: str, command: list[str], log: Path) -> None:
+    """A training or caching run, its output kept in `log`; a failure ends the quality run."""
+    with open(log, "w") as out:
+        finished = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if finished.returncode:
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+        raise RunError(f"{what} failed (exit {finished.returncode}): {errors[-1] if errors else 'see the log'}; "
+                       f"its output is in {log}")
+
+
+def common_overrides(worlds: dict[str, Path], scale: Scale, teacher: Path) -> list[str]:
+    return [f"data.train_dir={worlds['train'] / 'images'}", f"data.labeled_dir={worlds['test']}",
+            f"data.student_size={scale.student_size}", f"data.num_workers={scale.num_workers}",
+            f"data.val_fraction={scale.val_fraction}", f"teacher.name={teacher}", f"seed={SEED}",
+            f"train.max_steps={scale.steps}", f"train.batch_size={scale.batch_size}",
+            f"train.save_every={scale.steps}", "train.keep_last=1", "export.enabled=false",
+            f"log.image_every={scale.steps}"]
+
+
+def build_cache(work: Path, overrides: list[str]) -> Path:
+    """The teacher's maps of every training scene, by the trainer's own cache writer. Written anew
+    by every quality run: its check keys a cache by the teacher's config, not its weights, and a
+    retrained teacher has the same config."""
+    cache = work / "cache_teacher"
+    _run("caching the teacher", [sys.executable, "-m", "trainer.train.cache_teacher", "--config", str(PRESET),
+                                 "--cache-dir", str(cache), *overrides], work / "cache_teacher.log")
+    return cache
+
+
+def derived_cache(cache: Path, out: Path, train_dir: Path, replace: Callable[[Path, torch.Tensor], torch.Tensor],
+                  features: str = "keep") -> Path:
+    """A copy of the teacher cache whose depth maps are `replace(photo, map)`, its feature maps
+    kept, flipped or dropped (`features`: keep | flip | drop, for a row without a feature term):
+    the trainer reads it like the teacher's (same index and meta), so the row trains through the
+    trainer's own cached-target path."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(cache, out)
+    photo_of_hash = {entry["hash"]: train_dir / key for key, entry in
+                     json.loads((cache / INDEX_FILE).read_text()).items() if entry["shard"]}
+    for shard in sorted(out.glob("shard_*.safetensors")):
+        tensors = load_file(shard)
+        derived = {}
+        for key, stored in tensors.items():
+            if not key.endswith(".features"):
+                derived[key] = replace(photo_of_hash[key], stored).to(stored.dtype).contiguous()
+            elif features != "drop":
+                derived[key] = stored.flip(-1).contiguous() if features == "flip" else stored
+        save_file(derived, str(shard))
+    return out
+
+
+def _flip(_photo: Path, stored: torch.Tensor) -> torch.Tensor:
+    return stored.flip(-1)
+
+
+def _ground_truth(photo: Path, stored: torch.Tensor) -> torch.Tensor:
+    """The photo's exact disparity at the stored map's size (area-averaged; the sky 0)."""
+    depth = np.load(photo.parent.parent / "depth" / f"{photo.stem}.npy")
+    disparity = torch.from_numpy(_disparity(depth))[None, None]
+    return F.interpolate(disparity, size=stored.shape[-2:], mode="area")[0]
+
+
+def train_student(row: StudentRow, slug: str, work: Path, worlds: dict[str, Path], scale: Scale,
+                  teacher: Path, caches: dict[str, Path]) -> Path:
+    """Train one row's student with trainer/main.py -> its final student folder."""
+    overrides = common_overrides(worlds, scale, teacher)
+    if row.targets == "untrained":  # the student the trainer starts from: built as it builds it, from its seed
+        folder = work / "runs" / slug / "student_last"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        set_seed(SEED)
+        if not save_student(build_student(load_config(PRESET, [*overrides, *row.overrides])), folder):
+            raise RunError(f"could not write {folder}")
+        return folder
+    if row.targets == "random_teacher":
+        random_teacher = work / "random_teacher"
+        build_model(Recipe(seed=SEED)).save_pretrained(random_teacher)
+        overrides.append(f"teacher.name={random_teacher}")
+    elif row.targets in ("cache", "flipped", "ground_truth"):
+        if "teacher" not in caches:
+            caches["teacher"] = build_cache(work, common_overrides(worlds, scale, teacher))
+        cache = caches["teacher"]
+        if row.targets == "flipped":
+            cache = derived_cache(cache, work / "cache_flipped", worlds["train"] / "images", _flip, features="flip")
+        elif row.targets == "ground_truth":
+            cache = derived_cache(cache, work / "cache_ground_truth", worlds["train"] / "images", _ground_truth,
+                                  features="drop")
+        overrides.append(f"distill.teacher_cache={cache}")
+    run_dir = work / "runs" / slug
+    started = time.perf_counter()
+    command = [sys.executable, "trainer/main.py", "--config", str(PRESET), "--overwrite", f"output_dir={run_dir}",
+               *overrides, *row.overrides]
+    _run(f"training '{row.name}'", command, work / f"{slug}.log")
+    print(f"trained '{row.name}' in {time.perf_counter() - started:.0f} s", flush=True)
+    return run_dir / "student_last"
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+def _align(disparity: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`disparity` scaled and shifted to `target` by least squares over `valid` (for the picture)."""
+    x, y = disparity[valid].double(), target[valid].double()
+    design = torch.stack([x, torch.ones_like(x)], dim=1)
+    solution = torch.linalg.lstsq(design, y[:, None]).solution[:, 0]
+    return (disparity * solution[0] + solution[1]).float()
+
+
+@torch.no_grad()
+def score(models: list[BenchmarkModel], teacher: BenchmarkModel, test_world: Path, count: int,
+          picture_rows: int = 3) -> tuple[dict[str, dict[str, float]], dict[str, list[torch.Tensor]]]:
+    """{model: {gt_abs_rel, gt_delta1, teacher_abs_rel, teacher_delta1}} averaged over the test
+    world, and the first `picture_rows` images' aligned disparity maps for the picture."""
+    reader = open_reader("synthetic", test_world)
+    sums: dict[str, dict[str, list[float]]] = {model.name: {} for model in models}
+    shown: dict[str, list[torch.Tensor]] = {"image": [], "ground truth": []}
+    for index in range(min(count, len(reader))):
+        sample = reader.load(index)
+        size = (sample.image.height, sample.image.width)
+        depth = torch.from_numpy(sample.depth)
+        valid = evaluation_mask(sample.depth, sample.real, SYNTHETIC)
+        truth = torch.where(valid, 1 / depth.clamp_min(1e-6), 0.0)
+        maps = {}
+        for model in models:
+            disparity = model.predict(model.prepare(sample.image)[None]).float()
+            maps[model.name] = F.interpolate(disparity, size=size, mode="bilinear", align_corners=False)
+        # Against the teacher, the trainer's validation metric: where the teacher sees finite depth.
+        reference = depth_valid_mask_from_disparity(maps[teacher.name]) & valid.view(1, 1, *size)
+        for model in models:
+            disparity, found = maps[model.name], sums[model.name]
+            row = depth_scores(disparity, depth, valid, SYNTHETIC, PROTOCOL)[0]
+            found.setdefault("gt_abs_rel", []).append(float(row[METRIC_NAMES.index("abs_rel")]))
+            found.setdefault("gt_delta1", []).append(float(row[METRIC_NAMES.index("delta1")]))
+            if model is not teacher:
+                versus = depth_metrics(disparity_to_depth(disparity), disparity_to_depth(maps[teacher.name]),
+                                       reference, align="scale_shift")
+                found.setdefault("teacher_abs_rel", []).append(float(versus["abs_rel"][0]))
+                found.setdefault("teacher_delta1", []).append(float(versus["delta1"][0]))
+            if index < picture_rows:
+                shown.setdefault(model.name, []).append(_align(disparity[0, 0], truth, valid))
+        if index < picture_rows:
+            shown["image"].append(torch.from_numpy(np.asarray(sample.image).copy()).permute(2, 0, 1).float() / 255)
+            shown["ground truth"].append(truth)
+    results = {name: {key: float(np.nanmean(values)) for key, values in found.items()} for name, found in sums.items()}
+    return results, shown
+
+
+def share_of_gain(prior: float, teacher: float, student: float) -> float:
+    """(prior - student) / (prior - teacher): 1 keeps all of the teacher's gain, 0 none of it."""
+    gain = prior - teacher
+    return (prior - student) / gain if gain else math.nan
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def format_report(results: dict, rows: list[str], headline: Optional[dict], settings: dict) -> str:
+    lines = ["| model | AbsRel ↓ | δ1 ↑ | AbsRel vs teacher ↓ | δ1 vs teacher ↑ |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in rows:
+        r = results[name]
+        versus = (f"{r['teacher_abs_rel']:.3f} | {r['teacher_delta1']:.3f}" if "teacher_abs_rel" in r else "– | –")
+        lines.append(f"| {name} | {r['gt_abs_rel']:.3f} | {r['gt_delta1']:.3f} | {versus} |")
+    if headline:
+        lines += ["", f"Share of the teacher's gain over the layout prior that the default student keeps: "
+                      f"**{headline['abs_rel']:.0%} in AbsRel, {headline['delta1']:.0%} in δ1**."]
+    lines += ["", f"Test world: {settings['test_images']} scenes at {settings['render_size']} px; "
+                  f"{PROTOCOL.definition} ({PROTOCOL.source}). Students: {settings['steps']} steps of "
+                  f"{settings['batch_size']} at {settings['student_size']} px on {settings['train_images']} "
+                  f"train scenes."]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, report: dict, table: str, picture: torch.Tensor) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.md").write_text(table + "\n")
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    Image.fromarray((picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(out / "quality.png")
+
+
+def run(args: argparse.Namespace) -> dict:
+    scale = TINY if args.tiny else FULL
+    if args.steps:
+        scale = Scale(**{**asdict(scale), "steps": args.steps})
+    teacher_dir = Path(args.teacher).resolve()
+    if not (teacher_dir / "config.json").is_file():
+        raise RunError(f"--teacher {args.teacher}: no Depth Anything folder (config.json + model.safetensors) there")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        worlds = render_worlds(work, scale)
+    except WorldError as error:
+        raise RunError(str(error)) from None
+    rows = list(TINY_ROWS if args.tiny else HEADLINE_ROWS) + (list(ABLATION_ROWS) if args.ablations else [])
+    students, caches = {}, {}
+    for row in rows:
+        slug = "".join(c if c.isalnum() else "_" for c in row.name.lower()).strip("_")
+        students[row.name] = train_student(row, slug, work, worlds, scale, teacher_dir, caches)
+    device = torch.device("cpu")
+    teacher = load_benchmark_model(f"teacher:{teacher_dir}", device, Recipe.size)
+    teacher.name = "teacher"
+    prior = layout_prior(worlds["train"], scale.train_images)
+    blind = [_blind("constant map", lambda: torch.ones_like(prior), "1 everywhere"),
+             _blind("layout prior", lambda: prior, "mean train-world disparity per pixel")]
+    student_models = []
+    for name, folder in students.items():
+        model = load_benchmark_model(str(folder), device)
+        model.name = name
+        student_models.append(model)
+    results, shown = score([*blind, teacher, *student_models], teacher, worlds["test"], scale.test_images)
+    order = ["constant map", "layout prior", "teacher", *students]
+    headline = None
+    if not args.tiny:
+        headline = {metric: share_of_gain(results["layout prior"][f"gt_{metric}"],
+                                          results["teacher"][f"gt_{metric}"],
+                                          results[DEFAULT.name][f"gt_{metric}"]) for metric in ("abs_rel", "delta1")}
+    settings = {**asdict(scale), "teacher": str(teacher_dir), "preset": str(PRESET.relative_to(REPO)),
+                "world_seed": WORLD_SEED, "seed": SEED, "seconds": round(time.perf_counter() - started)}
+    table = format_report(results, order, headline, settings)
+    report = {"settings": settings, "rows": {row.name: {"targets": row.targets, "overrides": list(row.overrides),
+                                                        "note": row.note} for row in rows},
+              "results": results, "headline": headline}
+    picture = depth_comparison_picture(shown["image"], {"ground truth": shown["ground truth"],
+                                                        "teacher": shown["teacher"],
+                                                        "student": shown[DEFAULT.name]})
+    write_outputs(Path(args.out), report, table, picture)
+    print(table, flush=True)
+    print(f"wrote {Path(args.out) / 'quality.md'}, quality.json and quality.png in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the test suite's quick check (about a minute)")
+    parser.add_argument("--ablations", action="store_true", help="add one row per change from the default recipe")
+    parser.add_argument("--teacher", default=str(SHIPPED_TEACHER), help="the teacher folder (default: %(default)s)")
+    parser.add_argument("--out", help="where quality.md/.json/.png go (default: bench/; with --tiny, the work folder)")
+    parser.add_argument("--work", help="worlds, caches and training runs (default: runs/quality[_tiny])")
+    parser.add_argument("--steps", type=int, help="optimizer steps of each student (default: the mode's)")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps} must be at least 1")
+    args.work = args.work or str(REPO / "runs" / ("quality_tiny" if args.tiny else "quality"))
+    args.out = args.out or (args.work if args.tiny else str(REPO / "bench"))
+    try:
+        run(args)
+    except (RunError, StudentLoadError, TeacherLoadError) as error:
+        print_error(str(error))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
