@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Thin wrapper over `accelerate launch trainer/main.py`.
 #
-#   ./launch.sh                                    # the offline demo on the CPU
+#   ./launch.sh                                    # the offline demo on the CPU (demo_world.yaml)
 #   ./launch.sh --config trainer/configs/dav2_small_mobilevit_xs.yaml data.train_dir=photos/
 #   ACCELERATE_CONFIG=multi_gpu ./launch.sh --config ... [--resume latest] [section.key=value ...]
 #   ./launch.sh --accelerate-config cpu_2proc --config trainer/configs/demo.yaml
@@ -35,7 +35,10 @@ if [[ "$ACCELERATE_CONFIG" == cpu* ]]; then
     export ACCELERATE_USE_CPU=true  # needed for a real multi-process gloo run without GPUs
 fi
 if [[ $# -eq 0 ]]; then
-    set -- --config trainer/configs/demo.yaml --overwrite
+    # The demo: render its scenes (kept between runs; a few seconds the first time), then distil.
+    python -m data.synthetic --out runs/worlds/demo_train --count 192 --size 128x128 --world train
+    python -m data.synthetic --out runs/worlds/demo_test --count 16 --size 128x128 --world test
+    set -- --config trainer/configs/demo_world.yaml --overwrite
 fi
 extra=()
 if [[ "$ACCELERATE_CONFIG" == multi_node* && -z "${MACHINE_RANK:-}" ]]; then
