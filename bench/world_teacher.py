@@ -46,6 +46,7 @@ from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from losses import GradientLoss, SSILoss, normalize_disparity
 from modeling.teacher import init_random
 from trainer.console import ArgumentParser
+from trainer.evaluate.metrics import depth_to_disparity
 
 SHIPPED = Path(__file__).resolve().parent / "world_teacher"
 CHECKPOINT = "checkpoint.pt"  # the training state, while a run is unfinished
@@ -89,8 +90,7 @@ class RenderedWorld(Dataset):
         image, depth = render_sample(self.seed, "train", index, self.size, self.size)
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
         depth = torch.from_numpy(depth)[None]
-        disparity = torch.where(depth > 0, 1 / depth.clamp_min(1e-6), torch.zeros_like(depth))
-        return (image - self.mean) / self.std, disparity
+        return (image - self.mean) / self.std, depth_to_disparity(depth)
 
 
 def _one_thread(_worker: int) -> None:

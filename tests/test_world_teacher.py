@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench import world_teacher
+from bench import quality, world_teacher
 from data.synthetic import render_sample
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from modeling import DepthAnythingTeacher
 from trainer.evaluate.metrics import depth_metrics, disparity_to_depth
 
 SIZE = world_teacher.INPUT_SIZE
-
-
-def _disparity(depth: np.ndarray) -> torch.Tensor:
-    depth = torch.from_numpy(depth)
-    return torch.where(depth > 0, 1 / depth.clamp_min(1e-6), 0.0)
 
 
 def _scores(disparity: torch.Tensor, depth: np.ndarray) -> tuple[float, float]:
@@ -51,7 +46,7 @@ def test_shipped_teacher_knows_the_test_worlds_depth():
     layout prior: the per-pixel mean disparity of 64 train scenes, what a model knows without
     looking. Measured (torch 2.14.1, transformers 5.25.0): teacher AbsRel 0.196, delta1 0.710;
     prior 0.299, 0.567 (asserted: AbsRel below 0.8x the prior's, delta1 above it by 0.08)."""
-    prior = torch.stack([_disparity(render_sample(0, "train", i, SIZE, SIZE)[1]) for i in range(64)]).mean(0)
+    prior = quality.layout_prior(render_sample(0, "train", i, SIZE, SIZE)[1] for i in range(64))
     teacher = DepthAnythingTeacher.from_pretrained(str(world_teacher.SHIPPED))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -38,8 +38,9 @@ def _masked_mean(values: Tensor, valid: Tensor, count: Tensor) -> Tensor:
     return torch.where(valid, values, 0.0).sum(dim=1) / count  # (B,)
 
 
-def _safe_reciprocal(depth: Tensor) -> Tensor:
-    """1 / depth, with 0 where depth is 0, negative or non-finite (no usable disparity there)."""
+def depth_to_disparity(depth: Tensor) -> Tensor:
+    """1 / depth, with 0 where depth is 0, negative or non-finite (no usable disparity there: the
+    sky of a depth map that marks it 0 gets the disparity Depth Anything gives it)."""
     usable = torch.isfinite(depth) & (depth > 0)
     return torch.where(usable, 1.0 / torch.where(usable, depth, 1.0), 0.0)
 
@@ -56,7 +57,7 @@ def _median_align(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     return pred * scale
 
 
-def _least_squares(x: Tensor, y: Tensor, valid: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+def least_squares_fit(x: Tensor, y: Tensor, valid: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image scale s and shift t minimising sum over valid pixels of (s * x + t - y)^2; (B, 1) each."""
     def mean(values: Tensor) -> Tensor:
         return _masked_mean(values, valid, count).unsqueeze(1)  # (B, 1)
@@ -82,9 +83,9 @@ def _scale_shift_align(
     This is the relative-depth protocol of Depth Anything / MiDaS: the networks predict
     disparity up to an unknown scale and shift, so the fit happens where that ambiguity lives.
     """
-    pred_disparity = _safe_reciprocal(pred)  # (B, N)
+    pred_disparity = depth_to_disparity(pred)  # (B, N)
     target_disparity = 1.0 / target  # (B, N); target is positive wherever valid
-    scale, shift = _least_squares(pred_disparity, target_disparity, valid, count)
+    scale, shift = least_squares_fit(pred_disparity, target_disparity, valid, count)
     # Clipping at 1 / max_depth keeps the aligned disparity positive, so depth is at most max_depth.
     aligned_disparity = torch.maximum(scale * pred_disparity + shift, 1.0 / max_depth)
     return 1.0 / aligned_disparity
@@ -97,7 +98,7 @@ def _depth_scale_shift_align(pred: Tensor, target: Tensor, valid: Tensor, count:
     # infinite, so the clamp turns it into the far end of the range.
     finite = torch.isfinite(pred)
     fitted = valid & finite
-    scale, shift = _least_squares(torch.where(finite, pred, 0.0), target, fitted, fitted.sum(dim=1))
+    scale, shift = least_squares_fit(torch.where(finite, pred, 0.0), target, fitted, fitted.sum(dim=1))
     return torch.where(finite, scale * pred + shift, pred)
 
 
