@@ -100,7 +100,7 @@ class Scale:
     threads: Optional[int] = None  # CPU threads of each (None: torch's default); a count gives its own bits
 
 
-# The headline rows in about 35 minutes on 2 cores: 128 px, the size the world teacher sees (126).
+# The headline rows: 48 minutes on 2 cores (2026-12-07); 128 px, the size the world teacher sees (126).
 FULL = Scale(train_images=2000, test_images=200, render_size=128, student_size=128, steps=500, batch_size=16,
              num_workers=1, val_fraction=0.02)
 # 64 steps are too few for the default schedule (100 warm-up steps, lr 5e-4 for a pretrained
