@@ -103,10 +103,10 @@ class Scale:
 # The headline rows: 48 minutes on 2 cores (2026-12-07); 128 px, the size the world teacher sees (126).
 FULL = Scale(train_images=2000, test_images=200, render_size=128, student_size=128, steps=500, batch_size=16,
              num_workers=1, val_fraction=0.02)
-# 64 steps are too few for the default schedule (100 warm-up steps, lr 5e-4 for a pretrained
-# encoder): at that lr the students learn only the world's layout, which a flipped map teaches as
-# well. A short warm-up and 10x the lr make them learn the scenes' content in a minute. The trainer
-# validates on its own held-out photos only: the test world is scored here, once.
+# 64 steps are too few for the preset's schedule (100 warm-up steps): the students would learn only
+# the world's layout, which a flipped map teaches as well. A 6-step warm-up and lr 5e-3 make them
+# learn the scenes' content within a minute (bench/RESULTS.md has the search). The trainer validates
+# on its own held-out photos only: the test world is scored here, once.
 TINY = Scale(train_images=256, test_images=32, render_size=128, student_size=64, steps=64, batch_size=8,
              num_workers=0, val_fraction=0.05,
              overrides=("optim.lr=5e-3", "optim.warmup_steps=6", "data.labeled_dir=null"), jobs=2, threads=1)
