@@ -24,7 +24,7 @@ def test_train_step_times_live_and_cached_steps(tmp_path):
     assert _positive(figures["cached_speedup_vs_live_default_recipe"])
     # The default recipe's term from the cache: the feature loss on, no teacher forward at all.
     live_default, cached_default = figures["variants"]["live_features"], figures["variants"]["cached_features"]
-    default_weights = {"silog": 1.0, "gradient": 0.5, "feature": 0.1}
+    default_weights = {"ssi": 1.0, "gradient": 0.5, "feature": 0.1}
     assert cached_default["loss_weights"] == live_default["loss_weights"] == default_weights
     assert cached_default["ms_per_step"]["teacher_forward"] == 0 < live_default["ms_per_step"]["teacher_forward"]
     storage = figures["cache_mb_per_photo"]
@@ -33,7 +33,7 @@ def test_train_step_times_live_and_cached_steps(tmp_path):
     live, cached = figures["variants"]["live"], figures["variants"]["cached"]
     assert live["dataset"] == "UnlabeledImageDataset" and cached["dataset"] == "CachedTeacherDataset"
     # The comparison is fair: the same depth-only loss on both sides.
-    assert live["loss_weights"] == cached["loss_weights"] == {"silog": 1.0, "gradient": 0.5}
+    assert live["loss_weights"] == cached["loss_weights"] == {"ssi": 1.0, "gradient": 0.5}
     for variant in (live, cached):
         assert _positive(variant["images_per_s"]) and _positive(variant["peak_memory_mb"])
         assert set(variant["ms_per_step"]) == {*train_step.PHASES, "total"}

@@ -40,7 +40,8 @@ def test_optimizer_groups_hold_student_and_adapters_not_teacher(tiny_teacher):
 
 
 def test_tiny_student_learns_tiny_teacher():
-    """30 Adam steps on 4 photos: the combined loss (SILog + gradient + feature) must fall."""
+    """30 Adam steps on 4 photos: the combined loss (SSI + gradient + feature) must fall below 0.6x
+    its start (measured: 0.55x at lr 5e-3; 0.61x at 2e-3, where SILog's old default fell further)."""
     torch.manual_seed(0)
     cfg = load_config(DEMO, ["data.teacher_size=56", "data.student_size=64"])
     teacher = DepthAnythingTeacher.tiny()
@@ -50,7 +51,7 @@ def test_tiny_student_learns_tiny_teacher():
     batch = [dataset[i] for i in range(4)]
     student_images = torch.stack([b["student_image"] for b in batch])
     target = teacher(torch.stack([b["teacher_image"] for b in batch]), output_size=(64, 64))
-    optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=5e-3)
     losses = []
     for _ in range(30):
         loss, terms, _ = module(student_images, target.disparity, target.features)
@@ -61,4 +62,4 @@ def test_tiny_student_learns_tiny_teacher():
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.6 * first, f"loss went from {first:.4f} to {last:.4f}"
-    assert {"silog", "gradient", "feature"} <= set(terms)
+    assert {"ssi", "gradient", "feature"} <= set(terms)

@@ -101,7 +101,7 @@ def test_end_to_end_run(tmp_path, photo_dir):
     assert states == ["step_00000002", "step_00000004"]
 
     events = scalar_events(run_dir)
-    for tag in ("train/loss", "train/silog", "train/gradient_weighted", "train/feature", "train/grad_norm",
+    for tag in ("train/loss", "train/ssi", "train/gradient_weighted", "train/feature", "train/grad_norm",
                 "train/images_per_s", "lr/decoder", "lr/encoder", "lr/adapters", "val_teacher/abs_rel",
                 "val_teacher/delta1", "val_gt/abs_rel", "val_gt/num_images", "samples/input_teacher_student_error"):
         assert tag in events, f"missing TensorBoard tag {tag}; have {sorted(events)}"
@@ -348,7 +348,7 @@ def test_training_from_the_teacher_cache(tmp_path, photo_dir):
                                        "distill.cache_features=drop"))
     assert "targets: depth from the teacher cache; feature terms off" in result.stdout
     events = scalar_events(run_dir)
-    assert "train/silog" in events and "train/feature" not in events
+    assert "train/ssi" in events and "train/feature" not in events
     assert dict(events["train/bad_images"])[3] >= 1  # the broken photo, met and counted
     # The default recipe's feature term reads the teacher's features stored with the cache: no teacher runs.
     stored = run_trainer(tiny_run_args(tmp_path / "stored", photo_dir, "train.max_steps=3",
