@@ -268,6 +268,26 @@ def test_sigterm_saves_a_resumable_state(tmp_path, uninterrupted):
     assert_same_weights(final_student(run_dir), final_student(reference))
 
 
+def test_a_loader_worker_left_running_does_not_hold_the_process_at_exit():
+    """The train loader's workers ignore SIGTERM (a scheduler's stop signal reaches the whole process
+    group, and the main process must save first), which is how multiprocessing ends daemonic children
+    at exit before it waits for them: an iterator still referenced then kept a finished run waiting
+    forever (seen once, after a quality run's summary)."""
+    script = (
+        "import types, torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from trainer.config import Config\n"
+        "from trainer.train.inputs import build_loaders\n"
+        "cfg = Config()\n"
+        "cfg.data.num_workers = 1\n"
+        "cpu = types.SimpleNamespace(device=torch.device('cpu'))\n"
+        "loader, _, _ = build_loaders(cfg, cpu, TensorDataset(torch.arange(64)), None, None)\n"
+        "batches = iter(loader)\n"
+        "next(batches)  # its worker is alive, and `batches` is only freed after the exit handlers\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",

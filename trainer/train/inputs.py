@@ -3,7 +3,9 @@ targets come from. Everything here runs before the loop and says what is wrong i
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable
@@ -210,8 +212,21 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _kill_workers_left_at_exit() -> None:
+    # At exit, multiprocessing ends its daemonic children with SIGTERM and then waits for them. A
+    # worker above ignores SIGTERM, and one whose loader iterator was never shut down (still
+    # referenced when the interpreter exits) would hold a finished run forever. Nothing it does is
+    # needed any more: kill it.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def build_loaders(cfg: Config, accelerator: Accelerator, train, val, labeled):
     workers = cfg.data.num_workers
+    if workers:  # once, and after multiprocessing's own exit handler, so that it runs before it
+        atexit.unregister(_kill_workers_left_at_exit)
+        atexit.register(_kill_workers_left_at_exit)
     common = dict(num_workers=workers, worker_init_fn=_ignore_interrupts if workers else None,
                   pin_memory=accelerator.device.type == "cuda")
     # Photos decoded on the device travel as bytes, which only a list can batch.
