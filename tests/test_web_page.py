@@ -39,8 +39,9 @@ def _browser_problem() -> str | None:
         web_check.find_chromium(os.environ.get("DEPTH_DISTILL_CHROMIUM"))
         import playwright.sync_api  # noqa: F401
     except (web_check.PageCheckError, ImportError) as error:
-        return f"{error} (also: pip install -e '.[dev]' for playwright)"
-    return web.runtime_problem(web.DEFAULT_RUNTIME)
+        return f"{error} (bash tests/install_browser.sh; also pip install -e '.[dev]' for playwright)"
+    problem = web.runtime_problem(web.DEFAULT_RUNTIME)
+    return problem and f"{problem} (bash tests/install_browser.sh)"
 
 
 def _missing_or_skip(problem: str | None) -> None:
