@@ -33,6 +33,19 @@ if [[ ! -f "$config_file" ]]; then
 fi
 if [[ "$ACCELERATE_CONFIG" == cpu* ]]; then
     export ACCELERATE_USE_CPU=true  # needed for a real multi-process gloo run without GPUs
+    if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+        # Unasked, accelerate gives each CPU process (physical cores / processes) threads and prints
+        # a three-line warning about it on every start: make the same choice here, silently.
+        processes=$(sed -n 's/^num_processes: *//p' "$config_file")
+        for ((i = 1; i < $#; i++)); do
+            [[ "${!i}" == --num_processes ]] && next=$((i + 1)) && processes=${!next}
+        done
+        for arg in "$@"; do
+            [[ "$arg" == --num_processes=* ]] && processes=${arg#*=}
+        done
+        cores=$(python -c "import psutil; print(psutil.cpu_count(logical=False) or 1)")
+        export OMP_NUM_THREADS=$(( cores / processes > 1 ? cores / processes : 1 ))
+    fi
 fi
 if [[ $# -eq 0 ]]; then
     # The demo: render its scenes (kept between runs; a few seconds the first time), then distil.

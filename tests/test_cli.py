@@ -21,7 +21,7 @@ LAUNCH_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys
 def launch_sh(args: list[str], accelerate_config: str = "cpu", fault: str | None = None,
               env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **LAUNCH_ENV, "ACCELERATE_CONFIG": accelerate_config, **(env_extra or {})}
-    env.pop("DEPTH_DISTILL_FAULT", None)
+    env = {name: value for name, value in env.items() if value is not None and name != "DEPTH_DISTILL_FAULT"}
     if fault:
         env["DEPTH_DISTILL_FAULT"] = fault
     return subprocess.run(["./launch.sh", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -144,6 +144,17 @@ def test_an_unwritable_output_dir_is_found_before_models_are_built(tmp_path, pho
 
 # --- 5. flags and overrides in any order ---------------------------------------------------------
 
+def test_paths_are_shown_relative_to_the_current_folder_when_under_it(tmp_path, monkeypatch):
+    from trainer.console import shown_path
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert shown_path(tmp_path / "work" / "runs" / "demo") == "runs/demo"
+    assert shown_path(Path("runs/demo")) == "runs/demo"
+    assert shown_path(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+    assert shown_path(Path("../elsewhere")) == str((tmp_path / "elsewhere").resolve())
+
+
 def test_flags_and_overrides_mix_in_any_order():
     from trainer.main import parse_args
 
@@ -188,8 +199,11 @@ def test_resume_uses_the_saved_configuration(tmp_path, photo_dir):
 
 @pytest.mark.parametrize("accelerate_config", ["cpu", "cpu_2proc"])
 def test_a_config_error_through_launch_sh_is_one_line(accelerate_config):
-    result = launch_sh(["--config", DEMO, "train.epochs=0"], accelerate_config)
+    """As a user starts it, without OMP_NUM_THREADS: nothing but the error line, not even accelerate's
+    warning about the CPU threads it chose (launch.sh passes them)."""
+    result = launch_sh(["--config", DEMO, "train.epochs=0"], accelerate_config, env_extra={"OMP_NUM_THREADS": None})
     assert_one_clean_error(result, 1, "train.epochs")
+    assert (result.stdout + result.stderr).strip().splitlines() == error_lines(result)
 
 
 def test_exit_codes_through_launch_sh(tmp_path, photo_dir):

@@ -168,6 +168,13 @@ def comma_choices(parser: argparse.ArgumentParser, flag: str, text: str, choices
     return names
 
 
+def shown_path(path: Path) -> str:
+    """A path as a user reads it: relative to the current folder when it lies under it (`runs/demo`,
+    the same on every machine), else absolute."""
+    absolute, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(absolute.relative_to(here)) if absolute.is_relative_to(here) and absolute != here else str(absolute)
+
+
 def plural(count: int, noun: str, suffix: str = "s") -> str:
     return f"{count} {noun}{'' if count == 1 else suffix}"
 

@@ -33,7 +33,7 @@ from modeling import StudentLoadError, TeacherLoadError, load_student
 from modeling.summary import count as count_parameters
 from trainer.config import Config, ConfigError, flat_hparams, load_config, resume_config, to_yaml
 from trainer.console import (ArgumentParser, launched_rank, plural, print_error, record_exit_code,
-                             register_with_launcher, say, setup_logging)
+                             register_with_launcher, say, setup_logging, shown_path)
 from trainer.errors import AgreedRunError, RunError
 from trainer.processes import check_world_size, die_with_launcher
 from trainer.ship.export import ExportError, export_student
@@ -143,7 +143,7 @@ def start_summary(cfg: Config, accelerator: Accelerator, photos: Photos, teacher
     d = cfg.data
     split = f"from {d.val_dir}" if d.val_dir else f"({d.val_fraction:.0%} of them, seed {cfg.seed})"
     lines = [
-        f"run '{cfg.run_name}' -> {cfg.run_dir.resolve()}"
+        f"run '{cfg.run_name}' -> {shown_path(cfg.run_dir)}"
         + (f" (resumed from {resumed_from.name})" if resumed_from else " (new run)"),
         f"  photos: {len(photos.train)} for training from {photos.source}, {len(photos.val)} for validation "
         + (photos.val_source or split),

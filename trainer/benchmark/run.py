@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from trainer.console import ArgumentParser, comma_choices, output_path_problem, print_error, say, setup_logging
+from trainer.console import (ArgumentParser, comma_choices, output_path_problem, print_error, say, setup_logging,
+                             shown_path)
 from trainer.errors import RunError
 from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS, PUBLISHED
 
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.json and accelerator.is_main_process:
         _write_json(Path(args.json), report)
-        say(f"wrote {Path(args.json).resolve()}")
+        say(f"wrote {shown_path(Path(args.json))}")
     return report
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
 from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, load_student
 from trainer.console import (ArgumentParser, UnreadableReporter, output_path_problem, print_error, say,
-                             setup_logging)
+                             setup_logging, shown_path)
 from trainer.errors import RunError
 from trainer.processes import check_world_size
 from trainer.evaluate.metrics import (ALIGN_MODES, METRIC_NAMES, average_metrics, depth_metrics,
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         raise RunError(f"--data {args.data}: none of the images could be read; no metrics")
     if args.json and accelerator.is_main_process:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
-        say(f"wrote {Path(args.json).resolve()}")
+        say(f"wrote {shown_path(Path(args.json))}")
     return metrics
 
 

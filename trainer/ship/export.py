@@ -45,7 +45,7 @@ from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from modeling.traceable import input_multiple, traceable_any_size
-from trainer.console import ArgumentParser, output_path_problem
+from trainer.console import ArgumentParser, output_path_problem, shown_path
 from trainer.errors import first_line
 from trainer.ship.fidelity import agreement, photo_batch, sample_photos
 
@@ -245,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     print(json.dumps(report, indent=2))
     if args.web:
-        print(f"wrote the page into {Path(args.web).resolve()}; serve it with: {report['serve']}")
+        print(f"wrote the page into {shown_path(Path(args.web))}; serve it with: {report['serve']}")
     else:
         resolved = output.resolve()
         print(f"wrote {resolved} and {resolved.with_suffix(resolved.suffix + '.json')}")
