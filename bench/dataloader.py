@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from bench.common import SAMPLES, Cycled, bench_config, format_table, machine, synchronize, write_json
-from trainer.console import comma_choices
+from core.cli import comma_choices
 from trainer.prepare_shards import prepare_shards
 from trainer.train.inputs import Targets, build_datasets, build_loaders, batch_finisher, select_photos
 

@@ -40,7 +40,7 @@ from data import EvalTransform, UnlabeledImageDataset
 from losses.depth import normalize_disparity
 from modeling import DepthAnythingTeacher
 from modeling.summary import count
-from trainer.console import comma_choices
+from core.cli import comma_choices
 from trainer.ship.fidelity import agreement
 from trainer.train.cache_teacher import build_cache
 from trainer.train.inputs import Targets, select_photos

@@ -42,7 +42,7 @@ from bench.common import (DEFAULT_PRESET, SAMPLES, STUDENT_PRESETS, build_studen
 from data import EvalTransform, list_images, load_rgb
 from modeling.summary import count, gflops, same_size_as_teacher
 from modeling.traceable import traceable_any_size
-from trainer.console import comma_choices
+from core.cli import comma_choices
 from trainer.ship.export import export_student
 from trainer.ship.quantize import MODES, quantize_student
 

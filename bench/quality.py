@@ -68,11 +68,13 @@ from trainer.benchmark.models import BenchmarkModel, load_benchmark_model
 from trainer.benchmark.readers import open_reader
 from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS, evaluation_mask
 from trainer.config import load_config
-from trainer.console import ArgumentParser, print_error
-from trainer.evaluate.metrics import (METRIC_NAMES, depth_metrics, depth_to_disparity, depth_valid_mask_from_disparity,
+from core.cli import ArgumentParser
+from trainer.console import print_error
+from core.choices import METRIC_NAMES
+from trainer.evaluate.metrics import (depth_metrics, depth_to_disparity, depth_valid_mask_from_disparity,
                                       disparity_to_depth, least_squares_fit)
 from trainer.evaluate.visualize import depth_comparison_picture
-from trainer.errors import RunError
+from core.errors import RunError
 from trainer.train.checkpoint import save_student
 from trainer.train.distill import build_student
 

@@ -50,7 +50,7 @@ from modeling import DepthAnythingTeacher
 from modeling.summary import count as count_parameters
 from trainer.train.cache_teacher import build_cache
 from trainer.config import Config
-from trainer.console import comma_choices
+from core.cli import comma_choices
 from trainer.train.distill import build_student
 from trainer.train.loop import DistillationStep
 

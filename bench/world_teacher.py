@@ -45,7 +45,7 @@ from data.synthetic import render_sample
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from losses import GradientLoss, SSILoss, normalize_disparity
 from modeling.teacher import init_random
-from trainer.console import ArgumentParser
+from core.cli import ArgumentParser
 from trainer.evaluate.metrics import depth_to_disparity
 
 SHIPPED = Path(__file__).resolve().parent / "world_teacher"

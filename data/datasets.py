@@ -10,19 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from core.choices import CROPS
+
 from .images import describe_unreadable, list_images, load_rgb
 from .transforms import EvalTransform, TrainTransform
 
 DEPTH_EXTENSIONS = (".png", ".npy", ".npz")
-
-# Standard evaluation crops as (top, bottom, left, right) fractions of the depth map's height and
-# width. Eigen's NYU crop is rows 45:471, cols 41:601 of the 480x640 frame; the KITTI ones are the
-# fractions used by Garg et al. and Eigen et al., truncated to pixels as in the usual eval code.
-CROPS: dict[str, tuple[float, float, float, float]] = {
-    "eigen_nyu": (45 / 480, 471 / 480, 41 / 640, 601 / 640),
-    "garg_kitti": (0.40810811, 0.99189189, 0.03594771, 0.96405229),
-    "eigen_kitti": (0.3324324, 0.91351351, 0.0359477, 0.96405229),
-}
 
 Transform = TrainTransform | EvalTransform
 

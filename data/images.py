@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trainer.errors import first_line
+from core.errors import first_line
 
 # iPhones save HEIC by default. pillow-heif is a dependency, but the package must still import
 # without it: .heic files are then listed all the same, and each is reported as needing it.

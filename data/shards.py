@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from trainer.errors import first_line
+from core.errors import first_line
 
 from .datasets import UnlabeledImageDataset, _blank_views
 from .images import describe_unreadable, load_rgb

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.cli import ArgumentParser
 from data.teacher_cache import write_json_atomically
 
 MIN_DEPTH, MAX_DEPTH = 0.1, 40.0  # metres: the valid range written into every mask
@@ -617,16 +618,8 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """A usage mistake is one `error:` line and exit code 1, as in every command of this project
-    (trainer.console has the same parser; data/ does not import trainer/)."""
-
-    def error(self, message: str):
-        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = _ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write (new, or one written before)")
     parser.add_argument("--count", required=True, type=int, help="samples 0..COUNT-1")
     parser.add_argument("--size", default=(256, 256), type=_size, help="WIDTHxHEIGHT (default 256x256)")

@@ -35,11 +35,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from trainer.errors import first_line
+from core.errors import RunError, first_line
 
 from .datasets import UnlabeledImageDataset, _blank_views, _decode_max_side
 from .images import describe_unreadable, list_images, load_rgb, split_train_val
-from .transforms import TEACHER_MULTIPLE, EvalTransform, TrainTransform
+from core.choices import TEACHER_MULTIPLE
+
+from .transforms import EvalTransform, TrainTransform
 
 CACHE_VERSION = 1
 META_FILE, INDEX_FILE = "meta.json", "index.json"
@@ -52,7 +54,7 @@ MAPS_PER_SHARD = 256  # ~140 MB shards of depth at cache_size 518: few files, ea
 SHARD_BYTES = 512 * 2**20  # with features (~4.2 MB a photo for V2-Small at 518) shards close at this size
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(RunError, ValueError):
     """The teacher cache does not match the run or the photos; the message says how to rebuild."""
 
 

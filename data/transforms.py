@@ -9,12 +9,10 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
+from core.choices import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Depth Anything V2's ViT uses 14-pixel patches; MobileViT downsamples by 32.
-TEACHER_MULTIPLE = 14
-STUDENT_MULTIPLE = 32
 
 
 class CropParams(NamedTuple):
@@ -120,18 +118,6 @@ class EvalTransform:
 def check_input_sizes(teacher_size: int, student_size: int) -> None:
     check_multiple("teacher_size", teacher_size, TEACHER_MULTIPLE)
     check_multiple("student_size", student_size, STUDENT_MULTIPLE)
-
-
-def check_multiple(name: str, value: int, multiple: int) -> None:
-    """ValueError naming `name` and the nearest valid sizes unless `value` is a positive multiple."""
-    if value > 0 and value % multiple == 0:
-        return
-    below = value // multiple * multiple
-    nearest = [str(size) for size in (below, below + multiple) if size > 0]
-    raise ValueError(
-        f"{name}={value} must be a positive multiple of {multiple}; "
-        f"nearest valid: {' or '.join(nearest)}"
-    )
 
 
 def _render_view(image: Image.Image, size: int, params: CropParams) -> Image.Image:

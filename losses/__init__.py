@@ -1,8 +1,8 @@
 """Distillation losses: disparity terms, feature terms, and their weighted combination."""
 
+from core.choices import NORMALIZATIONS
 from losses.combined import LOSS_TERMS, DistillationLoss
 from losses.depth import (
-    NORMALIZATIONS,
     GradientLoss,
     PixelLoss,
     SILogLoss,

@@ -11,7 +11,7 @@ All depth terms are called as ``loss(student, teacher, mask=None)`` on ``(B, 1, 
 import torch
 from torch import Tensor, nn
 
-NORMALIZATIONS = ("none", "max", "median_mad", "minmax")
+from core.choices import check_normalization
 
 # sqrt has an infinite slope at 0 (autograd gives 0 * inf = NaN when the student matches the teacher
 # up to scale); flooring the radicand keeps the gradient finite at the cost of a 1e-4 loss floor.
@@ -39,12 +39,6 @@ def _mean_over_valid_images(per_image: Tensor, valid: Tensor) -> Tensor:
     """
     has_valid = (valid.sum(1) > 0).to(per_image.dtype)
     return (per_image * has_valid).sum() / has_valid.sum().clamp_min(1)
-
-
-def check_normalization(mode: str) -> None:
-    """The one check of a normalisation name (the loss, this module and the config use it)."""
-    if mode not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {mode!r}; expected one of {', '.join(NORMALIZATIONS)}")
 
 
 def normalize_disparity(

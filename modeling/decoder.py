@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODERS = ("lean", "dpt")
+from core.choices import DECODERS
 # The widths each preset uses when the config leaves them out: (decoder_width, head_width).
 DEFAULT_WIDTHS = {"lean": (96, 16), "dpt": (64, 32)}
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from modeling.decoder import build_decoder
-from trainer.errors import first_line
+from core.errors import RunError, first_line
 
 # Encoder stages fed to the decoder: strides 4, 8, 16, 32 (timm's feature index 0 is stride 2).
 ENCODER_OUT_INDICES = (1, 2, 3, 4)
@@ -32,7 +32,7 @@ WEIGHTS_NAME = "model.safetensors"
 _FOLDER_HINT = "pass a folder written by training, e.g. runs/<run_name>/student_best"
 
 
-class StudentLoadError(RuntimeError):
+class StudentLoadError(RunError):
     """The student (its backbone, pretrained weights or saved folder) could not be loaded; the
     message is one line that says why."""
 

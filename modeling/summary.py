@@ -21,11 +21,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DepthAnythingForDepthEstimation
 
-from data.transforms import TEACHER_MULTIPLE
-from modeling.decoder import DECODERS
+from core.choices import DECODERS, TEACHER_MULTIPLE
 from modeling.student import StudentDepthModel
 from modeling.teacher import small_config
-from trainer.console import comma_choices
+from core.cli import comma_choices
 
 
 def count(module: nn.Module) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
-from trainer.errors import first_line
+from core.errors import RunError, first_line
 
 PATCH_SIZE = 14
 # Short names for the official V2 checkpoints; any other hub id or local directory works too.
@@ -23,7 +23,7 @@ TEACHER_PRESETS = {
 }
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(RunError):
     """The teacher could not be loaded; the message says what to do."""
 
 

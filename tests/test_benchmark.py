@@ -172,7 +172,8 @@ def _window(shape: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]
 
 
 def test_crops_are_the_published_windows():
-    from data.datasets import CROPS, crop_mask
+    from core.choices import CROPS
+    from data.datasets import crop_mask
 
     # Eigen's NYU crop on the 480 x 640 frame; Garg's KITTI crop on a 375 x 1242 frame, as BTS cuts it.
     assert crop_mask(480, 640, CROPS["eigen_nyu"]).numpy().tolist() == \

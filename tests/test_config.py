@@ -133,13 +133,14 @@ def cli(monkeypatch, tmp_path, capsys):
     """Runs `trainer.main.main` in an empty folder; building the student fails the test, and so
     does building the teacher unless the call allows it."""
     import trainer.main
+    import trainer.train.run
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(trainer.main, "build_student", _fail_if_called)
-    build_teacher = trainer.main.build_teacher
+    monkeypatch.setattr(trainer.train.run, "build_student", _fail_if_called)
+    build_teacher = trainer.train.run.build_teacher
 
     def run(*overrides: str, teacher_allowed: bool = False) -> tuple[int, str]:
-        monkeypatch.setattr(trainer.main, "build_teacher", build_teacher if teacher_allowed else _fail_if_called)
+        monkeypatch.setattr(trainer.train.run, "build_teacher", build_teacher if teacher_allowed else _fail_if_called)
         code = trainer.main.main(["--config", str(DEMO), f"output_dir={tmp_path / 'run'}", *overrides])
         return code, capsys.readouterr().err
 

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.choices import ALIGN_MODES, LOWER_IS_BETTER, METRIC_NAMES
 from trainer.evaluate.metrics import (
-    ALIGN_MODES,
-    LOWER_IS_BETTER,
-    METRIC_NAMES,
     average_metrics,
     depth_metrics,
     depth_valid_mask_from_disparity,

@@ -17,11 +17,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from data.datasets import CROPS
-from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
-from losses.depth import check_normalization
-from modeling.decoder import DECODERS
-from trainer.evaluate.metrics import ALIGN_MODES, METRIC_NAMES
+from core.choices import (ALIGN_MODES, CROPS, DECODERS, METRIC_NAMES, STUDENT_MULTIPLE, TEACHER_MULTIPLE,
+                          check_multiple, check_normalization)
 
 # The choices come from the code that implements them (one list each, nothing to keep in step).
 LABELED_CROPS = tuple(CROPS)

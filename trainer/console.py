@@ -6,7 +6,6 @@ time; `print_error` has process 0 say it and the others stay quiet (see there).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -35,6 +34,11 @@ LAUNCH_DIR_ENV = "DEPTH_DISTILL_LAUNCH_DIR"
 # about the same exit) is dropped. It travels through the same pipes as the trainer's own output,
 # so it cannot overtake it.
 LAUNCHER_REPORT_FOLLOWS = "\x1e depth-distill: the trainer has said why it stopped \x1e\n"
+
+
+# The trainer's exit codes (README, "Exit codes").
+EXIT_OK, EXIT_SETUP, EXIT_NONFINITE, EXIT_EXPORT, EXIT_SAVE_FAILED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED_EARLY = 130  # Ctrl-C or SIGTERM before training started: nothing to save
 
 
 def launched_rank() -> int:
@@ -159,15 +163,6 @@ def output_path_problem(path: Path, flag: str, what: str = "a file path") -> Opt
     return None
 
 
-def comma_choices(parser: argparse.ArgumentParser, flag: str, text: str, choices) -> list[str]:
-    """The comma-separated names in `text`; a name not in `choices` is a usage error naming them."""
-    names = [name for name in text.split(",") if name]
-    unknown = [name for name in names if name not in choices]
-    if unknown:
-        parser.error(f"unknown {flag} {unknown}; choose from {', '.join(choices)}")
-    return names
-
-
 def shown_path(path: Path) -> str:
     """A path as a user reads it: relative to the current folder when it lies under it (`runs/demo`,
     the same on every machine), else absolute."""
@@ -177,11 +172,3 @@ def shown_path(path: Path) -> str:
 
 def plural(count: int, noun: str, suffix: str = "s") -> str:
     return f"{count} {noun}{'' if count == 1 else suffix}"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a usage mistake reported like every other mistake: one `error:` line that
-    names the fix, exit code 1 (argparse's own 2 would read as 'non-finite steps' here)."""
-
-    def error(self, message: str):
-        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

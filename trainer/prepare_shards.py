@@ -34,7 +34,8 @@ from data.shards import (INDEX_FILE, MANIFEST_FILE, SPLITS, ShardsError, own_fil
                          write_index_and_manifest, write_shard)
 from data.teacher_cache import relative_key, train_val_paths
 from trainer.config import Config, ConfigError, load_config
-from trainer.console import ArgumentParser, plural, print_error
+from core.cli import ArgumentParser
+from trainer.console import plural, print_error
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,12 @@ import ctypes
 import os
 import signal
 import sys
-
-from accelerate import Accelerator
+from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError
+
+if TYPE_CHECKING:  # the trainer's start (trainer/main.py) imports this before it loads Accelerate
+    from accelerate import Accelerator
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from trainer.benchmark.models import BenchmarkModel
 from trainer.benchmark.readers import BenchmarkDataError, Reader
 from trainer.benchmark.suites import Benchmark, Protocol, clip_depth, evaluation_mask
-from trainer.errors import first_line
-from trainer.evaluate.metrics import METRIC_NAMES, average_metrics, depth_metrics, disparity_to_depth
+from core.errors import first_line
+from core.choices import METRIC_NAMES
+from trainer.evaluate.metrics import average_metrics, depth_metrics, disparity_to_depth
 
 
 class BenchmarkDataset(Dataset):

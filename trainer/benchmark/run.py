@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from trainer.console import (ArgumentParser, comma_choices, output_path_problem, print_error, say, setup_logging,
-                             shown_path)
-from trainer.errors import RunError
+from core.cli import ArgumentParser, comma_choices
+from trainer.console import output_path_problem, print_error, say, setup_logging, shown_path
+from core.errors import RunError
 from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS, PUBLISHED
 
 

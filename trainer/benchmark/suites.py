@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data.datasets import CROPS, crop_mask
+from core.choices import CROPS
+from data.datasets import crop_mask
 from data.synthetic import MAX_DEPTH as SYNTHETIC_MAX_DEPTH, MIN_DEPTH as SYNTHETIC_MIN_DEPTH
 
 

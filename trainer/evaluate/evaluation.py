@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 
 from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
 from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, load_student
-from trainer.console import (ArgumentParser, UnreadableReporter, output_path_problem, print_error, say,
-                             setup_logging, shown_path)
-from trainer.errors import RunError
+from core.cli import ArgumentParser
+from trainer.console import UnreadableReporter, output_path_problem, print_error, say, setup_logging, shown_path
+from core.errors import RunError
 from trainer.processes import check_world_size
-from trainer.evaluate.metrics import (ALIGN_MODES, METRIC_NAMES, average_metrics, depth_metrics,
-                                      depth_valid_mask_from_disparity, disparity_to_depth)
+from core.choices import ALIGN_MODES, METRIC_NAMES
+from trainer.evaluate.metrics import (average_metrics, depth_metrics, depth_valid_mask_from_disparity,
+                                      disparity_to_depth)
 
 
 def _batch_metrics(student: nn.Module, teacher: Optional[DepthAnythingTeacher], batch: dict,

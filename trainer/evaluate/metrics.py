@@ -10,10 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "silog")
-ALIGN_MODES = ("none", "median", "scale_shift", "depth_scale_shift")
-# For picking the best checkpoint: the delta accuracies grow as the prediction improves.
-LOWER_IS_BETTER: dict[str, bool] = {name: not name.startswith("delta") for name in METRIC_NAMES}
+from core.choices import ALIGN_MODES
 
 
 def disparity_to_depth(disparity: Tensor, eps: float = 1e-6) -> Tensor:

@@ -45,8 +45,9 @@ from torch import nn
 
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from modeling.traceable import input_multiple, traceable_any_size
-from trainer.console import ArgumentParser, output_path_problem, shown_path
-from trainer.errors import first_line
+from core.cli import ArgumentParser
+from trainer.console import output_path_problem, shown_path
+from core.errors import first_line
 from trainer.ship.fidelity import agreement, photo_batch, sample_photos
 
 logger = logging.getLogger(__name__)

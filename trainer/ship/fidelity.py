@@ -16,7 +16,7 @@ import torch
 
 import data
 from data import list_images, load_rgb
-from trainer.errors import first_line
+from core.errors import first_line
 from trainer.evaluate.metrics import depth_metrics, depth_valid_mask_from_disparity, disparity_to_depth
 from trainer.ship.predict import preprocess
 

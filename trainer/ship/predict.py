@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from data import EvalTransform, list_images, load_rgb
-from data.transforms import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
-from trainer.console import ArgumentParser, plural
-from trainer.errors import first_line
+from core.choices import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
+from core.cli import ArgumentParser
+from trainer.console import plural
+from core.errors import first_line
 from trainer.evaluate.visualize import colorize, label_font
 
 logger = logging.getLogger(__name__)

@@ -43,8 +43,9 @@ from typing import Optional
 import torch
 
 from data import list_images
-from trainer.console import ArgumentParser, output_path_problem
-from trainer.errors import first_line
+from core.cli import ArgumentParser
+from trainer.console import output_path_problem
+from core.errors import first_line
 from trainer.ship.fidelity import agreement, photo_batch
 from trainer.ship.predict import load_predictor, onnx_input_size
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 from torch import nn
 
-from trainer.errors import first_line
+from core.errors import first_line
 from trainer.ship.export import ExportError, export_student
 
 PAGE_SOURCES = Path(__file__).resolve().parent / "web_page"

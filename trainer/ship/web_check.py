@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from data import load_rgb
-from trainer.console import ArgumentParser
-from trainer.errors import first_line
+from core.cli import ArgumentParser
+from core.errors import first_line
 from trainer.ship.fidelity import agreement, sample_photos
 from trainer.ship.predict import preprocess
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, StaleCacheError, TeacherCache,
                                 check_cache_dir, clear_cache, train_val_paths, write_index)
 from modeling import DepthAnythingTeacher, TeacherLoadError
-from trainer.console import ArgumentParser, print_error
+from core.cli import ArgumentParser
+from trainer.console import print_error
 from trainer.config import Config, ConfigError, cache_stores_features, load_config
 from trainer.train.distill import build_teacher
 

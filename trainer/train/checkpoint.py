@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from trainer.errors import first_line
+from core.errors import RunError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ STATE_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"  # written last, inside the temporary folder, before the rename
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """No usable training state where one was asked for."""
 
 

@@ -25,7 +25,7 @@ from data.shards import ShardPhotoDataset, ShardSet, ShardsError, collate_encode
 from trainer.train.cache_teacher import open_cache
 from trainer.config import Config, ConfigError, feature_terms_on
 from trainer.console import plural, say
-from trainer.errors import RunError
+from core.errors import RunError
 
 
 class Targets(Enum):

@@ -27,19 +27,17 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from trainer.train.checkpoint import all_finite, all_processes_agree, complete_states, save_student, save_training_state
+from core.choices import LOWER_IS_BETTER
+from core.errors import RunError
 from trainer.config import Config
-from trainer.console import UnreadableReporter, say
-from trainer.errors import RunError
+from trainer.console import EXIT_NONFINITE, EXIT_OK, UnreadableReporter, say
 from trainer.evaluate.evaluation import evaluate, format_table
+from trainer.evaluate.visualize import comparison_grid
+from trainer.train.checkpoint import all_finite, all_processes_agree, complete_states, save_student, save_training_state
 from trainer.train.faults import Fault
 from trainer.train.inputs import Targets
-from trainer.evaluate.metrics import LOWER_IS_BETTER
-from trainer.evaluate.visualize import comparison_grid
 
 logger = get_logger(__name__)
-
-EXIT_OK, EXIT_SETUP, EXIT_NONFINITE, EXIT_EXPORT, EXIT_SAVE_FAILED = 0, 1, 2, 3, 4
 
 
 @dataclass

@@ -18,9 +18,10 @@ from typing import Optional
 
 from accelerate.utils import broadcast_object_list
 
-from trainer.train.checkpoint import STATES_DIR, all_processes_agree
+from trainer.config import Config, ConfigError
+from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_processes_agree
 from trainer.console import say
-from trainer.errors import AgreedRunError, RunError, first_line
+from core.errors import AgreedRunError, RunError, first_line
 
 RUN_MARKER = "depth_distill_run.json"
 CONFIG_FILE = "config.yaml"
@@ -35,6 +36,22 @@ RUN_OUTPUTS = (CONFIG_FILE, f".tmp_{CONFIG_FILE}", TENSORBOARD_DIR, STATES_DIR, 
 
 def holds_run(run_dir: Path) -> bool:
     return (Path(run_dir) / RUN_MARKER).is_file()
+
+
+def locate_resumed_run(resume: str, given: Optional[Config]) -> tuple[Path, str]:
+    """-> (run folder, what to load: 'latest' or a state folder) for `--resume`."""
+    if resume == "latest":
+        if given is None:
+            raise ConfigError("--resume latest needs --config (to find the run), or pass the run folder: "
+                              "--resume runs/<run_name>")
+        return given.run_dir, "latest"
+    path = Path(resume)
+    if holds_run(path):
+        return path, "latest"
+    if path.parent.name == STATES_DIR and holds_run(path.parent.parent):
+        return path.parent.parent, resume
+    raise CheckpointError(f"--resume {resume}: neither 'latest', a run folder (holding {RUN_MARKER}) nor a "
+                          f"training-state folder of one (runs/<run_name>/{STATES_DIR}/step_XXXXXXXX)")
 
 
 def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
