@@ -70,17 +70,24 @@ def _process_zero_ended(timeout: float) -> bool:
 
 
 def print_error(message: str, agreed: bool = False) -> None:
-    """`error: message` on stderr, once per launch: by process 0, or by another process whose
-    failure was its own (process 0 still running after the grace period). An error all processes
-    `agreed` on is printed at once by the first process of each node."""
+    """The one way every tool reports a mistake: `error: message` on stderr, once per launch: by
+    process 0, or by another process whose failure was its own (process 0 still running after the
+    grace period). An error all processes `agreed` on is printed at once by the first process of
+    each node."""
     if agreed:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            _write_line(f"error: {message}")
         return
     if launched_rank() != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if _process_zero_ended(PEER_ERROR_GRACE_S):
             return
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    _write_line(f"error: {message}")
+
+
+def _write_line(text: str) -> None:
+    """On stderr, on a line of its own whatever a progress bar shows."""
+    tqdm.write(text, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def register_with_launcher() -> None:

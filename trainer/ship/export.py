@@ -46,7 +46,7 @@ from torch import nn
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from modeling.traceable import input_multiple, traceable_any_size
 from core.cli import ArgumentParser
-from trainer.console import output_path_problem, shown_path
+from trainer.console import output_path_problem, print_error, shown_path
 from core.errors import first_line
 from trainer.ship.fidelity import agreement, photo_batch, sample_photos
 
@@ -207,19 +207,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("note: --dynamic-hw is no longer needed: the export takes any multiple of 64 by default",
               file=sys.stderr)
     if args.size is not None and (args.size <= 0 or args.size % 32):
-        print(f"error: --size {args.size} must be a positive multiple of 32, e.g. 256", file=sys.stderr)
+        print_error(f"--size {args.size} must be a positive multiple of 32, e.g. 256")
         return 1
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.parent / f"student.{args.format}"
     # Checked before loading anything: a refused output should not cost an export.
     problem = _target_problem(args, output)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print_error(problem)
         return 1
     try:
         student = load_student(checkpoint)
     except StudentLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     size = args.size or student.input_size
     if size is None:
@@ -227,8 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"info: {checkpoint} records no input_size (saved before it was recorded); exporting at "
               f"{size}x{size} (pass --size to choose)", file=sys.stderr)
     elif size <= 0 or size % 32:  # only a hand-edited config.json gets here
-        print(f"error: {checkpoint}/config.json records input_size {size}, not a positive multiple of 32; "
-              f"pass --size", file=sys.stderr)
+        print_error(f"{checkpoint}/config.json records input_size {size}, not a positive multiple of 32; pass --size")
         return 1
     try:
         if args.web:
@@ -242,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             report = export_student(student, output, size, args.opset, args.atol)
     except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     print(json.dumps(report, indent=2))
     if args.web:

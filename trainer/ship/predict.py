@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from data import EvalTransform, list_images, load_rgb
 from core.choices import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
 from core.cli import ArgumentParser
-from trainer.console import plural
+from trainer.console import plural, print_error
 from core.errors import first_line
 from trainer.evaluate.visualize import colorize, label_font
 
@@ -437,11 +437,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         written = write_depth_maps(image_paths, model, output_dir, args.npy, args.side_by_side, args.batch_size,
                                    args.colormap)
     except (OSError, ValueError) as error:  # bad arguments, model missing or refused
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     print(summary(len(written), len(image_paths) - len(written), args.output))
     if not written:
-        print(f"error: none of the {len(image_paths)} inputs could be read as an image", file=sys.stderr)
+        print_error(f"none of the {len(image_paths)} inputs could be read as an image")
         return 1
     return 0
 

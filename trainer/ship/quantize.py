@@ -44,7 +44,7 @@ import torch
 
 from data import list_images
 from core.cli import ArgumentParser
-from trainer.console import output_path_problem
+from trainer.console import output_path_problem, print_error
 from core.errors import first_line
 from trainer.ship.fidelity import agreement, photo_batch
 from trainer.ship.predict import load_predictor, onnx_input_size
@@ -192,13 +192,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     json_path = Path(args.json) if args.json else None
     problem = _outputs_problem(onnx_path, output, json_path, args.overwrite)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print_error(problem)
         return 1
     try:
         calibration_images = list_images(args.calibration)[:args.max_images]
         report = quantize_student(onnx_path, output, args.mode, calibration_images, args.size)
     except (QuantizeError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     print(format_report(report))
     if json_path is not None:

@@ -28,6 +28,7 @@ import torch
 
 from data import load_rgb
 from core.cli import ArgumentParser
+from trainer.console import print_error
 from core.errors import first_line
 from trainer.ship.fidelity import agreement, sample_photos
 from trainer.ship.predict import preprocess
@@ -163,12 +164,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         report = check_page(args.page, args.photos, args.chromium, args.screenshot)
     except PageCheckError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     except Exception as error:  # Playwright's own errors: a browser that would not start, a timeout
         if not type(error).__module__.startswith("playwright"):
             raise
-        print(f"error: the browser failed: {first_line(error)}", file=sys.stderr)
+        print_error(f"the browser failed: {first_line(error)}")
         return 1
     print(json.dumps(report, indent=2))
     if args.json:
@@ -178,8 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"depth max |page - onnxruntime| = {worst['max_abs_diff']:.3g}, aligned abs_rel = "
           f"{worst['aligned_abs_rel']:.3g}, model {report['model_ms_median']:.1f} ms (median)")
     if max(worst["max_abs_diff"], worst["aligned_abs_rel"]) > args.tolerance:
-        print(f"error: the page's depth differs from onnxruntime's by more than --tolerance {args.tolerance}",
-              file=sys.stderr)
+        print_error(f"the page's depth differs from onnxruntime's by more than --tolerance {args.tolerance}")
         return 1
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from core.choices import LOWER_IS_BETTER
 from core.errors import RunError
 from trainer.config import Config
-from trainer.console import EXIT_NONFINITE, EXIT_OK, UnreadableReporter, say
+from trainer.console import EXIT_NONFINITE, EXIT_OK, UnreadableReporter, print_error, say
 from trainer.evaluate.evaluation import evaluate, format_table
 from trainer.evaluate.visualize import comparison_grid
 from trainer.train.checkpoint import all_finite, all_processes_agree, complete_states, save_student, save_training_state
@@ -283,9 +282,9 @@ class Trainer:
                 window = self.step.forward_backward(batches)
                 self.step.optimizer_step(window)
                 if p.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
-                    self._print_error(f"{p.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
-                                      f"or BatchNorm statistics; stopping (last good training state kept; "
-                                      f"lower optim.lr?)")
+                    print_error(f"{p.nonfinite_in_a_row} steps in a row had a non-finite loss, gradients "
+                                f"or BatchNorm statistics; stopping (last good training state kept; "
+                                f"lower optim.lr?)", agreed=True)
                     return EXIT_NONFINITE
                 self.after_step(window)
                 self.bar.update(1)
@@ -441,10 +440,6 @@ class Trainer:
         kept = [str(states[-1]) if states else "no training state"]
         kept += [str(self.run_dir / name) for name in ("student_best", "student_last")
                  if (self.run_dir / name).is_dir()]
-        self._print_error(f"could not save the end of the run at step {self.progress.step} (full disk? see the "
-                          f"log above); kept: {', '.join(kept)}")
+        print_error(f"could not save the end of the run at step {self.progress.step} (full disk? see the "
+                    f"log above); kept: {', '.join(kept)}", agreed=True)
         return False
-
-    def _print_error(self, message: str) -> None:
-        if self.accelerator.is_main_process:  # on a line of its own, whatever the progress bar shows
-            tqdm.write(f"error: {message}", file=sys.stderr)
