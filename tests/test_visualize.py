@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from trainer.evaluate.visualize import BAR_HEIGHT, MIN_TILE_HEIGHT, TEXT_HEIGHT, _lut, comparison_grid
+from trainer.evaluate.visualize import BAR_HEIGHT, MIN_TILE_HEIGHT, TEXT_HEIGHT, comparison_grid, lut
 
 
 def test_grid_has_titles_enlarged_tiles_and_a_near_far_bar():
@@ -16,8 +18,19 @@ def test_grid_has_titles_enlarged_tiles_and_a_near_far_bar():
     assert (header < 0.5).any() and (header.mean() > 0.8)  # dark title text on white
     bar = grid[:, TEXT_HEIGHT + 2 * 48 * factor + BAR_HEIGHT // 2]  # (3, W): one row of the colour bars
     tile = 64 * factor
-    spectral = _lut("Spectral_r")
+    spectral = lut("Spectral_r")
     torch.testing.assert_close(bar[:, tile], spectral[0], atol=0.02, rtol=0)  # far end
     torch.testing.assert_close(bar[:, 3 * tile - 1], spectral[-1], atol=0.02, rtol=0)  # near end
     # The teacher tile uses the same colours as the bar: its right edge (near) is the bar's near end.
     torch.testing.assert_close(grid[:, TEXT_HEIGHT + 5, 2 * tile - 1], spectral[-1], atol=0.02, rtol=0)
+
+
+def test_predicts_legend_and_an_unknown_colormap_come_from_the_same_table():
+    from trainer.ship.predict import colour_bar
+
+    legend = np.asarray(colour_bar(120, "magma"))  # near at the top row, far at the bottom
+    table = (lut("magma") * 255).round().to(torch.uint8).numpy()
+    column = legend[:, legend.shape[1] // 8]  # inside the bar, left of the words
+    assert (column[0] == table[-1]).all() and (column[-1] == table[0]).all()
+    with pytest.raises(ValueError, match="no colormap 'magmaa'"):
+        lut("magmaa")

@@ -1,4 +1,6 @@
-"""Colour-mapped depth images for TensorBoard and for `trainer.ship.predict`."""
+"""Colour-mapped depth images for TensorBoard and for `trainer.ship.predict`: the one place that
+turns a colormap's name into colours (`lut`, `colorize`, `colour_ramp`), for the grids, predict's
+pictures and legends, and the browser page's table."""
 
 from __future__ import annotations
 
@@ -13,10 +15,14 @@ from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 @lru_cache(maxsize=4)
-def _lut(name: str) -> torch.Tensor:
+def lut(name: str) -> torch.Tensor:
+    """(256, 3) in [0, 1]: matplotlib's colormap `name`, from its low end to its high end.
+    ValueError naming some choices if matplotlib has no such colormap."""
     import matplotlib  # imported lazily: only image logging needs it
 
-    return torch.tensor(matplotlib.colormaps[name](range(256))[:, :3], dtype=torch.float32)  # (256, 3)
+    if name not in matplotlib.colormaps:
+        raise ValueError(f"matplotlib has no colormap {name!r}; try Spectral_r, magma or viridis")
+    return torch.tensor(matplotlib.colormaps[name](range(256))[:, :3], dtype=torch.float32)
 
 
 def colorize(maps: torch.Tensor, colormap: str = "Spectral_r", stretch: bool = True) -> torch.Tensor:
@@ -31,7 +37,7 @@ def colorize(maps: torch.Tensor, colormap: str = "Spectral_r", stretch: bool = T
         scaled = (scaled - low) / (high - low).clamp_min(1e-8)
     scaled = scaled.clamp(0, 1)
     index = (scaled * 255).round().long().squeeze(1)  # (B, H, W)
-    return _lut(colormap).to(maps.device)[index].permute(0, 3, 1, 2)
+    return lut(colormap).to(maps.device)[index].permute(0, 3, 1, 2)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
@@ -75,10 +81,15 @@ def _labelled_strip(width: int, labels: list[tuple[int, str, str]]) -> torch.Ten
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
 
 
+def colour_ramp(length: int, colormap: str) -> torch.Tensor:
+    """(3, length) in [0, 1]: the colormap from its low end to its high end, as `colorize` colours
+    (the legend of every colour-mapped picture)."""
+    return colorize(torch.linspace(0, 1, length).view(1, 1, 1, length), colormap, stretch=False)[0, :, 0]
+
+
 def _colour_bar(width: int, colormap: str) -> torch.Tensor:
     """(3, BAR_HEIGHT, width): the colormap from its low end (left) to its high end (right)."""
-    ramp = torch.linspace(0, 1, width).view(1, 1, 1, width).expand(1, 1, BAR_HEIGHT, width)
-    return colorize(ramp.contiguous(), colormap, stretch=False)[0]
+    return colour_ramp(width, colormap)[:, None].expand(3, BAR_HEIGHT, width)
 
 
 def comparison_grid(images: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

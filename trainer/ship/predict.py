@@ -44,7 +44,7 @@ from core.choices import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
 from core.cli import ArgumentParser
 from trainer.console import plural, print_error
 from core.errors import first_line
-from trainer.evaluate.visualize import colorize, label_font
+from trainer.evaluate.visualize import colorize, colour_ramp, label_font, lut
 
 logger = logging.getLogger(__name__)
 
@@ -267,13 +267,6 @@ def check_outputs_free(image_paths: Sequence[Path], output_dir: Path, save_npy: 
                               f"{them} or choose another --output")
 
 
-def check_colormap(colormap: str) -> None:
-    import matplotlib
-
-    if colormap not in matplotlib.colormaps:
-        raise ValueError(f"matplotlib has no colormap {colormap!r}; try Spectral_r, magma or viridis")
-
-
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """(3, size, size): the student view of EvalTransform (whole image, bilinear, ImageNet-normalised)."""
     # The teacher view is not needed; the smallest legal teacher size keeps rendering it cheap.
@@ -299,16 +292,14 @@ def _colour_image(disparity: torch.Tensor, colormap: str) -> Image.Image:
 def colour_bar(height: int, colormap: str) -> Image.Image:
     """A white strip `height` pixels high: the colormap from its high end ("near": colorize maps
     high disparity there) at the top row to its low end ("far") at the bottom row, labelled."""
-    import matplotlib
-
     font_size = max(10, min(48, height // 16))
     font = label_font(font_size)
     pad, bar_width = max(2, font_size // 4), font_size
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_width = math.ceil(max(probe.textlength(word, font=font) for word in ("near", "far")))
     legend = Image.new("RGB", (3 * pad + bar_width + text_width, height), "white")
-    rows = matplotlib.colormaps[colormap](np.linspace(1.0, 0.0, height))[:, :3]  # (height, 3), near first
-    bar = np.repeat((rows * 255).round().astype(np.uint8)[:, None, :], bar_width, axis=1)
+    rows = colour_ramp(height, colormap).flip(-1).T  # (height, 3), near first
+    bar = np.repeat((rows * 255).round().to(torch.uint8).numpy()[:, None, :], bar_width, axis=1)
     legend.paste(Image.fromarray(bar), (pad, 0))
     draw = ImageDraw.Draw(legend)
     text_x = 2 * pad + bar_width
@@ -386,7 +377,7 @@ def predict_paths(paths: Iterable[str | Path], model_path: str | Path, output_di
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_colormap(colormap)
+    lut(colormap)  # an unknown colormap is refused before any work
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
     image_paths = collect_images(paths)
@@ -424,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.size is not None:
             _check_size(args.size)
-        check_colormap(args.colormap)
+        lut(args.colormap)
         check_output_dir(output_dir)
         image_paths = collect_images(args.inputs)
         if not image_paths:

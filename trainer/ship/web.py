@@ -66,9 +66,9 @@ def web_dir_problem(out_dir: Path, overwrite: bool) -> Optional[str]:
 
 def colormap_lut(name: str = COLORMAP) -> list[list[int]]:
     """256 RGB entries, as `trainer.ship.predict` writes the colours of its depth maps."""
-    from trainer.evaluate.visualize import _lut
+    from trainer.evaluate.visualize import lut
 
-    return (_lut(name) * 255).round().int().tolist()
+    return (lut(name) * 255).round().int().tolist()
 
 
 def _package_field(package: Path, field: str) -> str:
