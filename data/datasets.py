@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.choices import CROPS
+from core.errors import first_line
 
 from .images import describe_unreadable, list_images, load_rgb
 from .transforms import EvalTransform, TrainTransform
@@ -79,6 +80,10 @@ class LabeledDepthDataset(Dataset):
 
     Depth stays at its original resolution so metrics are computed against the real ground truth,
     not a resampled copy; predictions are upsampled to it instead.
+
+    A pair that cannot be read (a corrupt or truncated image or depth file) comes out as blank views
+    with no valid pixel and `valid=False`, like an unreadable photo of `UnlabeledImageDataset`: the
+    evaluation skips it and names it once (`unreadable_reason`), instead of stopping.
     """
 
     def __init__(
@@ -106,17 +111,48 @@ class LabeledDepthDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def paths(self) -> list[Path]:
+        """The images, by which a sample is named (UnreadableReporter)."""
+        return [image for image, _ in self.pairs]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image_path, depth_path = self.pairs[index]
-        depth = torch.from_numpy(load_depth(depth_path, self.depth_scale))  # (H, W) metres
+        self.pairs[index]  # an index past the end is an IndexError, not a blank sample (ends `for` loops)
+        try:
+            views, depth = self.load(index)
+        except Exception:  # PIL and numpy raise OSError, ValueError, EOFError, ... for bad files
+            blank = torch.zeros(1, 1, 1)
+            return {**_blank_views(self.transform), "depth": blank, "valid_mask": blank.bool(),
+                    "valid": torch.tensor(False), "index": index}
         valid_mask = torch.isfinite(depth) & (depth > self.min_depth) & (depth < self.max_depth)
         if self.crop is not None:
             valid_mask &= crop_mask(*depth.shape, CROPS[self.crop])
         return {
-            **self.transform(load_rgb(image_path, self.max_side)),
+            **views,
             "depth": depth[None],  # (1, H, W)
             "valid_mask": valid_mask[None],  # (1, H, W)
+            "valid": torch.tensor(True),
+            "index": index,
         }
+
+    def load(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the image's views, its (H, W) depth in metres); raises for anything unreadable."""
+        image_path, depth_path = self.pairs[index]
+        depth = torch.from_numpy(load_depth(depth_path, self.depth_scale))
+        return self.transform(load_rgb(image_path, self.max_side)), depth
+
+    def unreadable_reason(self, index: int) -> str:
+        """Why pair `index` comes out invalid, in one line naming the file, or "" if it loads now."""
+        image_path, depth_path = self.pairs[index]
+        try:
+            load_rgb(image_path, self.max_side)
+        except Exception as error:
+            return describe_unreadable(image_path, error)
+        try:
+            load_depth(depth_path, self.depth_scale)
+        except Exception as error:
+            return f"its depth {depth_path.name}: {first_line(error)}"
+        return ""
 
 
 def _decode_max_side(transform: Transform) -> int:

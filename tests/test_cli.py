@@ -314,6 +314,22 @@ def test_evaluate_mistakes_are_one_line(tmp_path, photo_dir, saved_student, caps
     assert error.startswith("error:") and expected in error and len(error.splitlines()) == 1
 
 
+def test_evaluate_skips_an_unreadable_ground_truth_pair_and_names_it(tmp_path, saved_student, capsys):
+    from tests.test_trainer import make_labeled_set
+    from trainer.evaluate.evaluation import main
+
+    labeled = make_labeled_set(tmp_path / "labeled")
+    (labeled / "depth" / "1.npy").write_bytes(b"not an array")
+    assert main(["--checkpoint", str(saved_student), "--data", str(labeled), "--labeled"]) == 0
+    out, err = capsys.readouterr()
+    assert "(2 images)" in out
+    assert err.count("skipping unreadable ground-truth photo") == 1 and "1.png (its depth 1.npy: " in err
+    for depth in (labeled / "depth").iterdir():
+        depth.write_bytes(b"")
+    assert main(["--checkpoint", str(saved_student), "--data", str(labeled), "--labeled"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --data ")
+
+
 def test_evaluate_a_corrupt_student_folder_is_one_line(tmp_path, photo_dir, saved_student, capsys):
     from trainer.evaluate.evaluation import main
 

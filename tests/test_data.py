@@ -516,6 +516,19 @@ def test_labeled_dataset_crops(tmp_path, crop):
     assert crop in CROPS
 
 
+def test_an_unreadable_labeled_pair_is_a_blank_invalid_sample_that_names_its_file(tmp_path):
+    _write_labeled_set(tmp_path)
+    (tmp_path / "depth" / "b.npy").write_bytes((tmp_path / "depth" / "b.npy").read_bytes()[:100])  # truncated
+    (tmp_path / "images" / "c.png").write_bytes(b"")
+    dataset = LabeledDepthDataset(tmp_path, EvalTransform(TEACHER, STUDENT))
+    assert [bool(sample["valid"]) for sample in dataset] == [True, False, False]
+    assert [int(sample["index"]) for sample in dataset] == [0, 1, 2]
+    assert not dataset[1]["valid_mask"].any() and dataset[1]["student_image"].shape == (3, STUDENT, STUDENT)
+    assert dataset.unreadable_reason(0) == ""
+    assert dataset.unreadable_reason(1).startswith("its depth b.npy: ")
+    assert dataset.unreadable_reason(2) == "empty file" and dataset.paths[2].name == "c.png"
+
+
 def test_labeled_dataset_rejects_unmatched_stems_and_unknown_crop(tmp_path):
     _write_labeled_set(tmp_path)
     Image.new("RGB", (4, 4)).save(tmp_path / "images" / "orphan.png")

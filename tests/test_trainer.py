@@ -288,6 +288,20 @@ def test_a_loader_worker_left_running_does_not_hold_the_process_at_exit():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_a_labeled_set_of_only_unreadable_pairs_stops_the_run_with_one_line(tmp_path, photo_dir):
+    """Evaluation skips an unreadable pair, but a set that leaves nothing to score is a mistake: the
+    run stops at its first evaluation, with one line (NaN metrics would pass for a result)."""
+    labeled = make_labeled_set(tmp_path / "labeled", count=2)
+    for depth in (labeled / "depth").iterdir():
+        depth.write_bytes(b"")
+    result = run_trainer(tiny_run_args(tmp_path / "run", photo_dir, "train.max_steps=1", f"data.labeled_dir={labeled}",
+                                       "export.enabled=false"), check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no val_gt image could be scored" in errors[0], result.stderr[-3000:]
+    assert result.stderr.count("skipping unreadable ground-truth photo") == 2
+
+
 def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",

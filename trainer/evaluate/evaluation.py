@@ -59,24 +59,23 @@ def evaluate(accelerator: Accelerator, student: nn.Module, loader: DataLoader,
              labeled: bool = False, max_depth: Optional[float] = None, reporter=None) -> dict[str, float]:
     """Average metrics over every image of `loader` (a prepared loader), on all processes.
 
-    Unreadable photos (unlabeled sets) count as empty images; `reporter.report(indices)`, if
-    given, is called on the main process with their dataset indices."""
+    Unreadable photos (and unreadable image/depth pairs of a labeled set) count as empty images;
+    `reporter.report(indices)`, if given, is called on the main process with their dataset indices."""
     was_training = student.training
     student.eval()
     rows = []
     for batch in loader:
         with accelerator.autocast():
             metrics = _batch_metrics(student, teacher, batch, align, labeled, max_depth)
-        if not labeled:  # the photo's index and validity travel in the same gather as its metrics
-            metrics = torch.cat([metrics, batch["index"].view(-1, 1).to(metrics),
-                                 batch["valid"].view(-1, 1).to(metrics)], dim=1)
+        # The sample's index and validity travel in the same gather as its metrics.
+        metrics = torch.cat([metrics, batch["index"].view(-1, 1).to(metrics),
+                             batch["valid"].view(-1, 1).to(metrics)], dim=1)
         rows.append(accelerator.gather_for_metrics(metrics))
     student.train(was_training)
-    table = torch.cat(rows).cpu() if rows else torch.empty(0, len(METRIC_NAMES) + (0 if labeled else 2))
-    if not labeled:
-        unreadable = table[:, -2][table[:, -1] == 0].long().tolist()
-        if reporter is not None and accelerator.is_main_process:
-            reporter.report(unreadable)
+    table = torch.cat(rows).cpu() if rows else torch.empty(0, len(METRIC_NAMES) + 2)
+    unreadable = table[:, -2][table[:, -1] == 0].long().tolist()
+    if reporter is not None and accelerator.is_main_process:
+        reporter.report(unreadable)
     return average_metrics({name: table[:, i] for i, name in enumerate(METRIC_NAMES)})
 
 
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     # Ground truth keeps its own resolution, which may vary within a set (KITTI): one image a batch.
     batch_size = args.batch_size or (1 if args.labeled else cfg.eval.batch_size)
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers))
-    reporter = None if args.labeled else UnreadableReporter(dataset, "evaluation")
+    reporter = UnreadableReporter(dataset, "ground-truth" if args.labeled else "evaluation")
     metrics = evaluate(accelerator, student, loader, teacher, align=args.align or cfg.eval.align,
                        labeled=args.labeled, max_depth=args.max_depth or cfg.data.labeled_max_depth
                        if args.labeled else None, reporter=reporter)

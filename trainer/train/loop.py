@@ -255,6 +255,8 @@ class Trainer:
         self.last_saved_step, self.last_save_ok = -1, False
         self.unreadable_train = UnreadableReporter(train_loader.dataset.dataset, "training")
         self.unreadable_val = None if val_loader is None else UnreadableReporter(val_loader.dataset, "validation")
+        self.unreadable_labeled = (None if labeled_loader is None
+                                   else UnreadableReporter(labeled_loader.dataset, "ground-truth"))
         self.step_end_hooks: list = []  # called with the step count after each step (fault injection)
         fault = Fault.from_env()
         if fault is not None:
@@ -393,7 +395,8 @@ class Trainer:
                                               align=self.cfg.eval.align, reporter=self.unreadable_val)
         if self.labeled_loader is not None:
             results["val_gt"] = evaluate(self.accelerator, self.student, self.labeled_loader, align=self.cfg.eval.align,
-                                         labeled=True, max_depth=self.cfg.data.labeled_max_depth)
+                                         labeled=True, max_depth=self.cfg.data.labeled_max_depth,
+                                         reporter=self.unreadable_labeled)
         for prefix, metrics in results.items():
             if not metrics.get("num_images"):  # NaN metrics would pass for a result
                 raise RunError(f"evaluation at step {self.progress.step}: no {prefix} image could be scored: each "
