@@ -206,6 +206,14 @@ def test_a_config_error_through_launch_sh_is_one_line(accelerate_config):
     assert (result.stdout + result.stderr).strip().splitlines() == error_lines(result)
 
 
+def test_a_tool_mistake_through_launch_sh_m_is_one_line(tmp_path):
+    """`./launch.sh -m trainer.evaluate` on two processes: the tool's one line and exit code, not
+    torch's ChildFailedError report (plain `accelerate launch -m` wraps it in a traceback)."""
+    result = launch_sh(["-m", "trainer.evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path)],
+                       "cpu_2proc")
+    assert_one_clean_error(result, 1, "missing does not exist")
+
+
 def test_exit_codes_through_launch_sh(tmp_path, photo_dir):
     nonfinite = launch_sh(tiny_run_args(tmp_path / "nan", photo_dir, "train.max_steps=5",
                                         "train.max_nonfinite_steps=2"), fault="nan@*")

@@ -95,12 +95,14 @@ def register_with_launcher() -> None:
     _write_launch_file("pid", f"{os.getpid()}\n")
 
 
-def record_exit_code(code: int) -> None:
-    """Tell `trainer.launch` how this process ended: the library launcher between them reports
-    any failure as its own exit code 1 (or 128 + N after a signal)."""
+def record_exit_code(code: int) -> int:
+    """Tell `trainer.launch` how this process ended (the library launcher between them reports any
+    failure as its own exit code 1, or 128 + N after a signal) -> `code`, for `sys.exit`. Every
+    tool that `trainer.launch -m` runs ends through here."""
     _write_launch_file("exit_code", f"{code}\n")
     if code != 0 and os.environ.get(LAUNCH_DIR_ENV):
         print(LAUNCHER_REPORT_FOLLOWS, end="", file=sys.stderr, flush=True)
+    return code
 
 
 def say(message: str) -> None:

@@ -2,10 +2,13 @@
 
     python -m trainer.launch --config_file accelerate_configs/cpu_2proc.yaml --config trainer/configs/demo.yaml
     python -m trainer.launch --num_processes 4 --config FILE --resume latest optim.lr=3e-4
+    python -m trainer.launch --num_processes 2 -m trainer.evaluate --checkpoint DIR --data DIR
 
 Takes `accelerate launch`'s own flags (--config_file, --num_processes, --machine_rank, ...) in
-any position, and passes every other argument to trainer/main.py. `launch.sh` runs this. What it
-adds to `accelerate launch`:
+any position, and passes every other argument to trainer/main.py; with `-m MODULE`, to that tool
+instead (trainer.evaluate, trainer.benchmark, trainer.train.cache_teacher, trainer.prepare_shards:
+each records its exit code as the trainer does). `launch.sh` runs this. What it adds to
+`accelerate launch`:
 - the trainer's exit code (README, "Exit codes") comes out as this command's exit code, with the
   trainer's one error line and nothing of the launcher's report of the same failure (accelerate
   reports any failure as a `CalledProcessError` or `ChildFailedError` traceback and exit code 1);
@@ -158,13 +161,15 @@ def _own_group_dying_with_us() -> None:  # runs in the launcher's child process,
 
 def launch(argv: list[str]) -> int:
     launcher_args, trainer_args = split_arguments(argv)
+    # `-m MODULE` (accelerate's own flag) runs that tool; its name is the first argument it leaves.
+    script = [] if {"-m", "--module"} & set(launcher_args) else [TRAINER]
     verbose = "--verbose" in trainer_args
     env = dict(os.environ)
     if not verbose:  # torch's launcher logs every child's failure and every signal it sends
         env.setdefault("LOGLEVEL", "CRITICAL")
     with tempfile.TemporaryDirectory(prefix="depth_distill_launch_") as folder:
         env[LAUNCH_DIR_ENV] = folder
-        launcher = subprocess.Popen([*ACCELERATE_LAUNCH, *launcher_args, TRAINER, *trainer_args], env=env,
+        launcher = subprocess.Popen([*ACCELERATE_LAUNCH, *launcher_args, *script, *trainer_args], env=env,
                                     stderr=subprocess.PIPE, preexec_fn=_own_group_dying_with_us)
         forwarder = SignalForwarder(launcher, Path(folder))
         with launcher.stderr:

@@ -35,7 +35,7 @@ from data.shards import (INDEX_FILE, MANIFEST_FILE, SPLITS, ShardsError, own_fil
 from data.teacher_cache import relative_key, train_val_paths
 from trainer.config import Config, ConfigError, load_config
 from core.cli import ArgumentParser
-from trainer.console import plural, print_error
+from trainer.console import plural, print_error, record_exit_code
 
 logger = logging.getLogger(__name__)
 
@@ -237,4 +237,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit_code(main()))

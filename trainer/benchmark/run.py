@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from core.cli import ArgumentParser, comma_choices
-from trainer.console import output_path_problem, print_error, say, setup_logging, shown_path
+from trainer.console import output_path_problem, print_error, record_exit_code, say, setup_logging, shown_path
 from core.errors import RunError
 from trainer.benchmark.suites import BENCHMARKS, PROTOCOLS, PUBLISHED
 
@@ -152,4 +152,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit_code(main()))

@@ -1,7 +1,8 @@
-"""`python -m trainer.evaluate` (and `accelerate launch -m trainer.evaluate`)."""
+"""`python -m trainer.evaluate` (and `./launch.sh -m trainer.evaluate`)."""
 
 import sys
 
+from trainer.console import record_exit_code
 from trainer.evaluate.evaluation import main
 
-sys.exit(main())
+sys.exit(record_exit_code(main()))

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
 from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, load_student
 from core.cli import ArgumentParser
-from trainer.console import UnreadableReporter, output_path_problem, print_error, say, setup_logging, shown_path
+from trainer.console import (UnreadableReporter, output_path_problem, print_error, record_exit_code, say,
+                             setup_logging, shown_path)
 from core.errors import RunError
 from trainer.processes import check_world_size
 from core.choices import ALIGN_MODES, METRIC_NAMES
@@ -192,4 +193,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit_code(main()))

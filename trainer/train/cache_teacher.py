@@ -31,7 +31,7 @@ from data.teacher_cache import (CacheDirError, CacheSourceDataset, ShardWriter, 
                                 check_cache_dir, clear_cache, train_val_paths, write_index)
 from modeling import DepthAnythingTeacher, TeacherLoadError
 from core.cli import ArgumentParser
-from trainer.console import print_error
+from trainer.console import print_error, record_exit_code
 from trainer.config import Config, ConfigError, cache_stores_features, load_config
 from trainer.train.distill import build_teacher
 
@@ -161,4 +161,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit_code(main()))
