@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
 from data.synthetic import render_sample
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from losses import GradientLoss, SSILoss, normalize_disparity
 from modeling.teacher import init_random
 from core.cli import ArgumentParser

@@ -10,9 +10,7 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
 from core.choices import STUDENT_MULTIPLE, TEACHER_MULTIPLE, check_multiple
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 class CropParams(NamedTuple):

@@ -21,7 +21,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file
 from torch import nn
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from modeling.decoder import build_decoder
 from core.errors import RunError, first_line
 

@@ -34,6 +34,11 @@ def test_the_lower_layers_never_import_the_trainer(package):
     assert not {path: names for path, names in offenders.items() if names}
 
 
+def test_the_models_take_nothing_from_the_data_pipeline():
+    """modeling/ owns its input normalisation (core.normalization), not data.transforms."""
+    assert not {path for path, names in _imported_packages("modeling").items() if "data" in names}
+
+
 def test_core_imports_only_the_standard_library():
     offenders = {path: names - set(sys.stdlib_module_names) - {"core", "__future__"}
                  for path, names in _imported_packages("core").items()}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.console import say
 
 TEACHER_PREFIX = "teacher:"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 @lru_cache(maxsize=4)

@@ -43,7 +43,7 @@ import onnx
 import torch
 from torch import nn
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from modeling.traceable import input_multiple, traceable_any_size
 from core.cli import ArgumentParser
 from trainer.console import output_path_problem, print_error, shown_path

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from core.errors import first_line
 from trainer.ship.export import INPUT_NAME, OUTPUT_NAME, ExportError, staged_export
 from trainer.ship.fidelity import agreement, photo_batch, sample_photos
