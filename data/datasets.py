@@ -44,6 +44,7 @@ class UnlabeledImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        self.paths[index]  # an index past the end is an IndexError, not a blank sample (ends `for` loops)
         try:
             loaded = self.load(index)
         except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files

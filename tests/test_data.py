@@ -527,6 +527,9 @@ def test_an_unreadable_labeled_pair_is_a_blank_invalid_sample_that_names_its_fil
     assert dataset.unreadable_reason(0) == ""
     assert dataset.unreadable_reason(1).startswith("its depth b.npy: ")
     assert dataset.unreadable_reason(2) == "empty file" and dataset.paths[2].name == "c.png"
+    # Plain iteration ends: an index past the end is an IndexError, not one more blank sample.
+    assert len(list(dataset)) == 3
+    assert len(list(UnlabeledImageDataset(dataset.paths, EvalTransform(TEACHER, STUDENT)))) == 3
 
 
 def test_labeled_dataset_rejects_unmatched_stems_and_unknown_crop(tmp_path):
