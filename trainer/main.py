@@ -3,8 +3,9 @@
     ./launch.sh --config trainer/configs/demo.yaml [section.key=value ...] [--overwrite] [--verbose]
     accelerate launch trainer/main.py --config FILE --resume latest     # continue a run, as saved
 
-Read top to bottom: parse and check the configuration, build data, models, loss and optimizer,
-hand what trains to Accelerate, run the loop (train_step / evaluate / save), export at the end.
+Here: parse and check the configuration, before torch or a model library is imported (so `--help`
+and a mistake answer at once). Then `trainer/train/run.py`, read top to bottom: build data, models,
+loss and optimizer, hand what trains to Accelerate, run the loop, export at the end.
 """
 
 from __future__ import annotations
