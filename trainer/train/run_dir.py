@@ -18,10 +18,10 @@ from typing import Optional
 
 from accelerate.utils import broadcast_object_list
 
-from trainer.config import Config, ConfigError
-from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_processes_agree
-from trainer.console import say
 from core.errors import AgreedRunError, RunError, first_line
+from trainer.config import Config, ConfigError
+from trainer.console import say
+from trainer.train.checkpoint import STATES_DIR, CheckpointError, all_processes_agree
 
 RUN_MARKER = "depth_distill_run.json"
 CONFIG_FILE = "config.yaml"
