@@ -36,13 +36,14 @@ if [[ "$ACCELERATE_CONFIG" == cpu* ]]; then
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
         # Unasked, accelerate gives each CPU process (physical cores / processes) threads and prints
         # a three-line warning about it on every start: make the same choice here, silently.
-        processes=$(sed -n 's/^num_processes: *//p' "$config_file")
+        processes=$(sed -n 's/^num_processes: *\([0-9][0-9]*\).*/\1/p' "$config_file")
         for ((i = 1; i < $#; i++)); do
             [[ "${!i}" == --num_processes ]] && next=$((i + 1)) && processes=${!next}
         done
         for arg in "$@"; do
             [[ "$arg" == --num_processes=* ]] && processes=${arg#*=}
         done
+        processes=$(( ${processes:-1} > 0 ? ${processes:-1} : 1 ))
         cores=$(python -c "import psutil; print(psutil.cpu_count(logical=False) or 1)")
         export OMP_NUM_THREADS=$(( cores / processes > 1 ? cores / processes : 1 ))
     fi
