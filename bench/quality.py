@@ -62,7 +62,6 @@ from safetensors.torch import load_file, save_file
 from bench.world_teacher import SHIPPED as SHIPPED_TEACHER, build_model, Recipe
 from data.synthetic import WorldError, WorldSpec, generate
 from data.teacher_cache import INDEX_FILE
-from modeling import StudentLoadError, TeacherLoadError
 from trainer.benchmark.harness import depth_scores
 from trainer.benchmark.models import BenchmarkModel, load_benchmark_model
 from trainer.benchmark.readers import open_reader
@@ -495,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out = args.out or (args.work if args.tiny else str(REPO / "bench"))
     try:
         report = run(args)
-    except (RunError, StudentLoadError, TeacherLoadError) as error:
+    except RunError as error:  # every loading error is a RunError
         print_error(str(error))
         return 1
     for failure in report.get("check", {}).get("failures", []):

@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Exit codes: 0 the table was made, 1 a mistake (one `error:` line)."""
-    from modeling import StudentLoadError, TeacherLoadError
     from trainer.benchmark.readers import BenchmarkDataError
     from trainer.config import ConfigError
 
@@ -145,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(args.verbose)
     try:
         run(args)
-    except (ConfigError, RunError, BenchmarkDataError, StudentLoadError, TeacherLoadError) as error:
+    except (ConfigError, RunError, BenchmarkDataError) as error:  # every loading error is a RunError
         print_error(str(error))
         return 1
     return 0

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
-from modeling import DepthAnythingTeacher, StudentLoadError, TeacherLoadError, load_student
+from modeling import DepthAnythingTeacher, load_student
 from core.cli import ArgumentParser
 from trainer.console import (UnreadableReporter, output_path_problem, print_error, record_exit_code, say,
                              setup_logging, shown_path)
@@ -186,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(args.verbose)
     try:
         run(args)
-    except (ConfigError, RunError, StudentLoadError, TeacherLoadError) as error:
+    except (ConfigError, RunError) as error:  # every loading error is a RunError
         print_error(str(error))
         return 1
     return 0
