@@ -9,11 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Each pytest-xdist worker gets its share of the cores, and so do the processes its tests start
+# (OMP_NUM_THREADS): more threads than cores make torch's OpenMP threads wait on each other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Tests that start a 2-process launch share accelerate's default port: under pytest-xdist they
+    form one group, which one worker runs one at a time."""
+    for item in items:
+        if item.get_closest_marker("two_processes"):
+            item.add_marker(pytest.mark.xdist_group("two_processes"))
 
 
 @pytest.fixture(scope="session")

@@ -367,6 +367,7 @@ def _launch(root: Path, models: list[str], out: Path, config: str) -> subprocess
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.two_processes
 def test_two_processes_give_the_same_table_as_one(root, checkpoint, tmp_path):
     """Teacher, student folder and its ONNX export on all six benchmarks (3 images each: the
     second process gets a padded shard), under accelerate launch with 1 and 2 processes."""

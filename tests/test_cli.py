@@ -197,7 +197,7 @@ def test_resume_uses_the_saved_configuration(tmp_path, photo_dir):
 
 # --- 3. exit codes, errors and signals through the real launchers ---------------------------------
 
-@pytest.mark.parametrize("accelerate_config", ["cpu", "cpu_2proc"])
+@pytest.mark.parametrize("accelerate_config", ["cpu", pytest.param("cpu_2proc", marks=pytest.mark.two_processes)])
 def test_a_config_error_through_launch_sh_is_one_line(accelerate_config):
     """As a user starts it, without OMP_NUM_THREADS: nothing but the error line, not even accelerate's
     warning about the CPU threads it chose (launch.sh passes them)."""
@@ -206,6 +206,7 @@ def test_a_config_error_through_launch_sh_is_one_line(accelerate_config):
     assert (result.stdout + result.stderr).strip().splitlines() == error_lines(result)
 
 
+@pytest.mark.two_processes
 def test_a_tool_mistake_through_launch_sh_m_is_one_line(tmp_path):
     """`./launch.sh -m trainer.evaluate` on two processes: the tool's one line and exit code, not
     torch's ChildFailedError report (plain `accelerate launch -m` wraps it in a traceback)."""
@@ -214,6 +215,7 @@ def test_a_tool_mistake_through_launch_sh_m_is_one_line(tmp_path):
     assert_one_clean_error(result, 1, "missing does not exist")
 
 
+@pytest.mark.two_processes
 def test_exit_codes_through_launch_sh(tmp_path, photo_dir):
     nonfinite = launch_sh(tiny_run_args(tmp_path / "nan", photo_dir, "train.max_steps=5",
                                         "train.max_nonfinite_steps=2"), fault="nan@*")
@@ -247,8 +249,9 @@ def _wait_for_training(run_dir: Path, process: subprocess.Popen, timeout: float 
     time.sleep(2.0)  # a few steps into the loop
 
 
-@pytest.mark.parametrize("accelerate_config, how", [("cpu", "sigterm_launcher"), ("cpu_2proc", "sigterm_launcher"),
-                                                    ("cpu", "sigint_group"), ("cpu_2proc", "sigint_group")])
+@pytest.mark.parametrize("accelerate_config, how", [
+    ("cpu", "sigterm_launcher"), pytest.param("cpu_2proc", "sigterm_launcher", marks=pytest.mark.two_processes),
+    ("cpu", "sigint_group"), pytest.param("cpu_2proc", "sigint_group", marks=pytest.mark.two_processes)])
 def test_a_signal_saves_a_state_and_exits_0(tmp_path, photo_dir, accelerate_config, how):
     """SIGTERM to the launcher alone (a scheduler signals PID 1; the old single-process launcher
     died and left the trainer running unsupervised), or Ctrl-C to the whole process group."""
@@ -272,6 +275,7 @@ def test_a_signal_saves_a_state_and_exits_0(tmp_path, photo_dir, accelerate_conf
 
 # --- 8. evaluate under a mis-configured 2-process launcher ----------------------------------------
 
+@pytest.mark.two_processes
 def test_evaluate_refuses_two_processes_that_each_think_they_are_alone(tmp_path, photo_dir):
     import torch
 
@@ -390,6 +394,7 @@ def launch_two_nodes(args_of_node) -> list[subprocess.CompletedProcess]:
     return results
 
 
+@pytest.mark.two_processes
 def test_two_nodes_over_loopback_train_like_two_processes_on_one(tmp_path, photo_dir):
     from tests.test_trainer import assert_same_weights, final_student
 

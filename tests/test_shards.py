@@ -130,6 +130,7 @@ def test_prepare_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, p
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.two_processes
 def test_two_writer_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path, photo_dir):
     out = tmp_path / "mine"
     out.mkdir()
@@ -155,6 +156,7 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, photo_dir, caps
     assert line.startswith(f"error: cannot write shards to {tmp_path / 'a_file' / 'shards'} (")
 
 
+@pytest.mark.two_processes
 def test_two_writer_processes_write_every_photo_once(tmp_path, photo_dir):
     out = tmp_path / "shards"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}

@@ -471,6 +471,7 @@ def test_cli_reports_each_user_mistake_in_one_line(tmp_path, capsys, monkeypatch
     assert _tree(photos) == before
 
 
+@pytest.mark.two_processes
 def test_two_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path):
     import subprocess
     import sys

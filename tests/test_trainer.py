@@ -205,6 +205,7 @@ def uninterrupted_from_shards(tmp_path_factory, uninterrupted):
     return shards, run_dir
 
 
+@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
 def test_sigkill_mid_epoch_then_resume_from_shards_equals_uninterrupted(tmp_path, uninterrupted_from_shards):
     """Killed while decoding in a worker, resumed decoding on the device: on the CPU both paths are
     the same computation, so the weights are bit-identical to the uninterrupted run's."""
@@ -222,6 +223,7 @@ def test_sigkill_mid_epoch_then_resume_from_shards_equals_uninterrupted(tmp_path
     assert_same_weights(final_student(run_dir), final_student(reference))
 
 
+@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
@@ -243,6 +245,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrup
         assert value == pytest.approx(reference_loss[step], rel=1e-6), step
 
 
+@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
 def test_corrupted_newest_state_falls_back_to_the_previous_one(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
@@ -256,6 +259,7 @@ def test_corrupted_newest_state_falls_back_to_the_previous_one(tmp_path, uninter
     assert_same_weights(final_student(run_dir), final_student(reference))
 
 
+@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
 def test_sigterm_saves_a_resumable_state(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
@@ -302,6 +306,7 @@ def test_a_labeled_set_of_only_unreadable_pairs_stops_the_run_with_one_line(tmp_
     assert result.stderr.count("skipping unreadable ground-truth photo") == 2
 
 
+@pytest.mark.two_processes
 def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",
@@ -343,6 +348,7 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, photo_dir):
         assert all(torch.isfinite(t).all() for t in load_file(state / "model.safetensors").values())
 
 
+@pytest.mark.two_processes
 def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     """5 photos on 2 processes at batch 2: shards are uneven and Accelerate pads the last batch;
     gather_for_metrics must drop the padding so no photo is counted twice."""
@@ -416,6 +422,7 @@ def photos_and_lr(run_dir: Path) -> dict[float, float]:
     return {photos_at[step]: lr for step, lr in events["lr/decoder"]}
 
 
+@pytest.mark.two_processes
 @pytest.mark.parametrize("first, then, kill_after, source", [("cpu", "cpu_2proc", 2, "folder"),
                                                              ("cpu_2proc", "cpu", 2, "folder"),
                                                              ("cpu_2proc", "cpu", 2, "shards")])

@@ -39,7 +39,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
-import onnx
 import torch
 from torch import nn
 
@@ -82,6 +81,8 @@ def _max_abs_diff(session, student: nn.Module, shape: tuple[int, ...]) -> float:
 
 
 def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx  # here: every training run imports this module at its start (0.9 s), many never export
+
     model = onnx.load(str(path))
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
