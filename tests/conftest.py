@@ -22,15 +22,6 @@ if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
-def pytest_collection_modifyitems(items):
-    """Tests that start a 2-process launch share accelerate's default port: under pytest-xdist they
-    form one group, which one worker runs one at a time."""
-    for item in items:
-        if item.get_closest_marker("two_processes"):
-            item.add_marker(pytest.mark.xdist_group("two_processes"))
-
-
 @pytest.fixture(scope="session")
 def tiny_teacher():
     from modeling import DepthAnythingTeacher

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 from tests.benchmark_files import (DA2K_PAIRS, make_benchmark_root, make_kitti, make_nyu, make_nyu_marigold,
                                    write_dpt)
 from tests.conftest import save_student_folder
+from tests.launching import accelerate_launch
 from trainer.benchmark.harness import BenchmarkDataset, format_table, gaps, run_benchmark
 from trainer.benchmark.models import BenchmarkModel
 from trainer.benchmark.readers import open_reader
@@ -359,15 +359,13 @@ def test_model_kinds(checkpoint, tmp_path, tiny_teacher):
 
 def _launch(root: Path, models: list[str], out: Path, config: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}.yaml",
-               "-m", "trainer.benchmark", "--root", str(root), "--teacher-size", "70", "--json", str(out),
-               "--suite", ",".join(BENCHMARKS)]
+    command = [*accelerate_launch(config), "-m", "trainer.benchmark", "--root", str(root), "--teacher-size", "70",
+               "--json", str(out), "--suite", ",".join(BENCHMARKS)]
     for model in models:
         command += ["--model", model]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.two_processes
 def test_two_processes_give_the_same_table_as_one(root, checkpoint, tmp_path):
     """Teacher, student folder and its ONNX export on all six benchmarks (3 images each: the
     second process gets a padded shard), under accelerate launch with 1 and 2 processes."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.launching import accelerate_launch, free_port, port_flag
 from tests.test_trainer import DEMO, REPO, TINY, run_trainer, scalar_events, tiny_run_args
 
 LAUNCH_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:"
@@ -24,7 +25,8 @@ def launch_sh(args: list[str], accelerate_config: str = "cpu", fault: str | None
     env = {name: value for name, value in env.items() if value is not None and name != "DEPTH_DISTILL_FAULT"}
     if fault:
         env["DEPTH_DISTILL_FAULT"] = fault
-    return subprocess.run(["./launch.sh", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["./launch.sh", *port_flag(), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -197,7 +199,7 @@ def test_resume_uses_the_saved_configuration(tmp_path, photo_dir):
 
 # --- 3. exit codes, errors and signals through the real launchers ---------------------------------
 
-@pytest.mark.parametrize("accelerate_config", ["cpu", pytest.param("cpu_2proc", marks=pytest.mark.two_processes)])
+@pytest.mark.parametrize("accelerate_config", ["cpu", "cpu_2proc"])
 def test_a_config_error_through_launch_sh_is_one_line(accelerate_config):
     """As a user starts it, without OMP_NUM_THREADS: nothing but the error line, not even accelerate's
     warning about the CPU threads it chose (launch.sh passes them)."""
@@ -206,7 +208,6 @@ def test_a_config_error_through_launch_sh_is_one_line(accelerate_config):
     assert (result.stdout + result.stderr).strip().splitlines() == error_lines(result)
 
 
-@pytest.mark.two_processes
 def test_a_tool_mistake_through_launch_sh_m_is_one_line(tmp_path):
     """`./launch.sh -m trainer.evaluate` on two processes: the tool's one line and exit code, not
     torch's ChildFailedError report (plain `accelerate launch -m` wraps it in a traceback)."""
@@ -215,7 +216,6 @@ def test_a_tool_mistake_through_launch_sh_m_is_one_line(tmp_path):
     assert_one_clean_error(result, 1, "missing does not exist")
 
 
-@pytest.mark.two_processes
 def test_exit_codes_through_launch_sh(tmp_path, photo_dir):
     nonfinite = launch_sh(tiny_run_args(tmp_path / "nan", photo_dir, "train.max_steps=5",
                                         "train.max_nonfinite_steps=2"), fault="nan@*")
@@ -236,7 +236,7 @@ def test_exit_codes_through_launch_sh(tmp_path, photo_dir):
 def _start(args: list[str], accelerate_config: str) -> subprocess.Popen:
     env = {**os.environ, **LAUNCH_ENV, "ACCELERATE_CONFIG": accelerate_config}
     env.pop("DEPTH_DISTILL_FAULT", None)
-    return subprocess.Popen(["./launch.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(["./launch.sh", *port_flag(), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -249,9 +249,8 @@ def _wait_for_training(run_dir: Path, process: subprocess.Popen, timeout: float 
     time.sleep(2.0)  # a few steps into the loop
 
 
-@pytest.mark.parametrize("accelerate_config, how", [
-    ("cpu", "sigterm_launcher"), pytest.param("cpu_2proc", "sigterm_launcher", marks=pytest.mark.two_processes),
-    ("cpu", "sigint_group"), pytest.param("cpu_2proc", "sigint_group", marks=pytest.mark.two_processes)])
+@pytest.mark.parametrize("accelerate_config, how", [("cpu", "sigterm_launcher"), ("cpu_2proc", "sigterm_launcher"),
+                                                    ("cpu", "sigint_group"), ("cpu_2proc", "sigint_group")])
 def test_a_signal_saves_a_state_and_exits_0(tmp_path, photo_dir, accelerate_config, how):
     """SIGTERM to the launcher alone (a scheduler signals PID 1; the old single-process launcher
     died and left the trainer running unsupervised), or Ctrl-C to the whole process group."""
@@ -275,7 +274,6 @@ def test_a_signal_saves_a_state_and_exits_0(tmp_path, photo_dir, accelerate_conf
 
 # --- 8. evaluate under a mis-configured 2-process launcher ----------------------------------------
 
-@pytest.mark.two_processes
 def test_evaluate_refuses_two_processes_that_each_think_they_are_alone(tmp_path, photo_dir):
     import torch
 
@@ -285,8 +283,7 @@ def test_evaluate_refuses_two_processes_that_each_think_they_are_alone(tmp_path,
     StudentDepthModel(decoder_width=16, head_width=8).save_pretrained(tmp_path / "student")
     env = {**os.environ, **LAUNCH_ENV}
     env.pop("ACCELERATE_USE_CPU", None)
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.evaluate", "--checkpoint",
+    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.evaluate", "--checkpoint",
                              str(tmp_path / "student"), "--data", str(photo_dir)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -369,16 +366,8 @@ def test_a_usage_mistake_is_one_line_with_exit_code_1(module, capsys):
 
 # --- several nodes (issue 10): two launchers over 127.0.0.1, one process each -----------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two_nodes(args_of_node) -> list[subprocess.CompletedProcess]:
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, **LAUNCH_ENV, "ACCELERATE_USE_CPU": "true"}
     env.pop("DEPTH_DISTILL_FAULT", None)
     launcher = [sys.executable, "-m", "trainer.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
@@ -394,7 +383,6 @@ def launch_two_nodes(args_of_node) -> list[subprocess.CompletedProcess]:
     return results
 
 
-@pytest.mark.two_processes
 def test_two_nodes_over_loopback_train_like_two_processes_on_one(tmp_path, photo_dir):
     from tests.test_trainer import assert_same_weights, final_student
 

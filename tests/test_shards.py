@@ -18,6 +18,7 @@ from PIL import Image
 
 from data.shards import ShardPhotoDataset, ShardSet, collate_encoded, shard_count
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+from tests.launching import accelerate_launch
 from trainer import prepare_shards as prepare_module
 from trainer.config import ConfigError, load_config
 from trainer.prepare_shards import prepare_shards
@@ -130,14 +131,12 @@ def test_prepare_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, p
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.two_processes
 def test_two_writer_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path, photo_dir):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.prepare_shards", "--config", DEMO,
+    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.prepare_shards", "--config", DEMO,
                              "--out", str(out), f"data.train_dir={photo_dir}", *SIZES],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -156,12 +155,10 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, photo_dir, caps
     assert line.startswith(f"error: cannot write shards to {tmp_path / 'a_file' / 'shards'} (")
 
 
-@pytest.mark.two_processes
 def test_two_writer_processes_write_every_photo_once(tmp_path, photo_dir):
     out = tmp_path / "shards"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.prepare_shards", "--config", DEMO,
+    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.prepare_shards", "--config", DEMO,
                              "--out", str(out), f"data.train_dir={photo_dir}", *SIZES, "data.val_fraction=0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

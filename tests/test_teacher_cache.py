@@ -20,6 +20,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CacheDirError, CachedTeacherDatas
 from data.teacher_cache import ShardWriter, check_cache_dir, clear_cache, content_hash, crop_map, write_index
 from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
+from tests.launching import accelerate_launch
 from trainer.train.cache_teacher import build_cache, main, open_cache, teacher_config_hash
 from trainer.config import load_config
 from trainer.train.inputs import EpochSeededDataset
@@ -471,18 +472,15 @@ def test_cli_reports_each_user_mistake_in_one_line(tmp_path, capsys, monkeypatch
     assert _tree(photos) == before
 
 
-@pytest.mark.two_processes
 def test_two_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path):
     import subprocess
-    import sys
 
     _square_photos(tmp_path / "photos", count=2)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             "accelerate_configs/cpu_2proc.yaml", "-m", "trainer.train.cache_teacher", "--cache-dir",
+    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.train.cache_teacher", "--cache-dir",
                              str(out), "--config", str(Path(__file__).parents[1] / "trainer/configs/demo.yaml"),
                              f"data.train_dir={tmp_path / 'photos'}"],
                             cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)

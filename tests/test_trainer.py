@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launching import accelerate_launch
 from trainer.train.run_dir import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +35,7 @@ def run_trainer(args: list[str], launcher: str = "python", fault: str | None = N
         command = [sys.executable, "trainer/main.py"]
     else:  # an accelerate config name: the real launcher, as a user runs it
         env["ACCELERATE_USE_CPU"] = "true"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   f"accelerate_configs/{launcher}.yaml", "trainer/main.py"]
+        command = [*accelerate_launch(launcher), "trainer/main.py"]
     result = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -306,7 +306,6 @@ def test_a_labeled_set_of_only_unreadable_pairs_stops_the_run_with_one_line(tmp_
     assert result.stderr.count("skipping unreadable ground-truth photo") == 2
 
 
-@pytest.mark.two_processes
 def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",
@@ -348,7 +347,6 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, photo_dir):
         assert all(torch.isfinite(t).all() for t in load_file(state / "model.safetensors").values())
 
 
-@pytest.mark.two_processes
 def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     """5 photos on 2 processes at batch 2: shards are uneven and Accelerate pads the last batch;
     gather_for_metrics must drop the padding so no photo is counted twice."""
@@ -365,8 +363,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     for launcher in ("cpu", "cpu_2proc"):
         out = tmp_path / f"{launcher}.json"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                        f"accelerate_configs/{launcher}.yaml", "-m", "trainer.evaluate", "--checkpoint",
+        subprocess.run([*accelerate_launch(launcher), "-m", "trainer.evaluate", "--checkpoint",
                         str(checkpoint), "--data", str(photo_dir), "--batch-size", "2", "--json", str(out)],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
         results[launcher] = json.loads(out.read_text())
@@ -422,7 +419,6 @@ def photos_and_lr(run_dir: Path) -> dict[float, float]:
     return {photos_at[step]: lr for step, lr in events["lr/decoder"]}
 
 
-@pytest.mark.two_processes
 @pytest.mark.parametrize("first, then, kill_after, source", [("cpu", "cpu_2proc", 2, "folder"),
                                                              ("cpu_2proc", "cpu", 2, "folder"),
                                                              ("cpu_2proc", "cpu", 2, "shards")])
