@@ -13,13 +13,22 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 # Each pytest-xdist worker gets its share of the cores, and so do the processes its tests start
 # (OMP_NUM_THREADS): more threads than cores make torch's OpenMP threads wait on each other.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+THREADS = max(1, min(2, CORES // WORKERS))
 torch.set_num_threads(THREADS)
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """setup.cfg's `-n auto`: a worker per core, at most 4: each holds torch (about 1 GB) and starts
+    training processes of its own. PYTEST_XDIST_AUTO_NUM_WORKERS, or `-n N`, says otherwise."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own rule reads it
+    return min(4, CORES)
 
 
 @pytest.fixture(scope="session")
