@@ -186,6 +186,10 @@ def uninterrupted(tmp_path_factory):
     return photos, run_dir
 
 
+# The tests that compare with `uninterrupted` run on one pytest-xdist worker, which trains it once.
+SHARES_THE_REFERENCE = pytest.mark.xdist_group("uninterrupted_reference")
+
+
 def make_shards(out: Path, photos: Path, *overrides: str) -> Path:
     """The photos as shards, as `python -m trainer.prepare_shards` writes them for a tiny run."""
     result = subprocess.run([sys.executable, "-m", "trainer.prepare_shards", "--config", DEMO, "--out", str(out),
@@ -205,7 +209,7 @@ def uninterrupted_from_shards(tmp_path_factory, uninterrupted):
     return shards, run_dir
 
 
-@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
+@SHARES_THE_REFERENCE
 def test_sigkill_mid_epoch_then_resume_from_shards_equals_uninterrupted(tmp_path, uninterrupted_from_shards):
     """Killed while decoding in a worker, resumed decoding on the device: on the CPU both paths are
     the same computation, so the weights are bit-identical to the uninterrupted run's."""
@@ -223,7 +227,7 @@ def test_sigkill_mid_epoch_then_resume_from_shards_equals_uninterrupted(tmp_path
     assert_same_weights(final_student(run_dir), final_student(reference))
 
 
-@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
+@SHARES_THE_REFERENCE
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
@@ -245,7 +249,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrup
         assert value == pytest.approx(reference_loss[step], rel=1e-6), step
 
 
-@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
+@SHARES_THE_REFERENCE
 def test_corrupted_newest_state_falls_back_to_the_previous_one(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
@@ -259,7 +263,7 @@ def test_corrupted_newest_state_falls_back_to_the_previous_one(tmp_path, uninter
     assert_same_weights(final_student(run_dir), final_student(reference))
 
 
-@pytest.mark.xdist_group("uninterrupted_reference")  # one worker trains the module-scoped reference once
+@SHARES_THE_REFERENCE
 def test_sigterm_saves_a_resumable_state(tmp_path, uninterrupted):
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
