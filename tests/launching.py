@@ -4,6 +4,7 @@ accelerate's default port (29500) would take each other's rendezvous."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -18,6 +19,12 @@ def free_port() -> int:
 def port_flag() -> list[str]:
     """The launcher flag that gives one launch a port of its own (launch.sh passes it through)."""
     return ["--main_process_port", str(free_port())]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a launch on the CPU: offline, one thread per process, and
+    ACCELERATE_USE_CPU, without which a 2-process CPU config starts two separate runs."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
 def accelerate_launch(config: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 from tests.benchmark_files import (DA2K_PAIRS, make_benchmark_root, make_kitti, make_nyu, make_nyu_marigold,
                                    write_dpt)
 from tests.conftest import save_student_folder
-from tests.launching import accelerate_launch
+from tests.launching import accelerate_launch, launch_env
 from trainer.benchmark.harness import BenchmarkDataset, format_table, gaps, run_benchmark
 from trainer.benchmark.models import BenchmarkModel
 from trainer.benchmark.readers import open_reader
@@ -358,7 +357,7 @@ def test_model_kinds(checkpoint, tmp_path, tiny_teacher):
 
 
 def _launch(root: Path, models: list[str], out: Path, config: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     command = [*accelerate_launch(config), "-m", "trainer.benchmark", "--root", str(root), "--teacher-size", "70",
                "--json", str(out), "--suite", ",".join(BENCHMARKS)]
     for model in models:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 
 from data.shards import ShardPhotoDataset, ShardSet, collate_encoded, shard_count
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
-from tests.launching import accelerate_launch
+from tests.launching import accelerate_launch, launch_env
 from trainer import prepare_shards as prepare_module
 from trainer.config import ConfigError, load_config
 from trainer.prepare_shards import prepare_shards
@@ -135,7 +134,7 @@ def test_two_writer_processes_refuse_a_folder_of_other_files_in_one_line(tmp_pat
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.prepare_shards", "--config", DEMO,
                              "--out", str(out), f"data.train_dir={photo_dir}", *SIZES],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -157,7 +156,7 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, photo_dir, caps
 
 def test_two_writer_processes_write_every_photo_once(tmp_path, photo_dir):
     out = tmp_path / "shards"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.prepare_shards", "--config", DEMO,
                              "--out", str(out), f"data.train_dir={photo_dir}", *SIZES, "data.val_fraction=0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

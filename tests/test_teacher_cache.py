@@ -20,7 +20,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CacheDirError, CachedTeacherDatas
 from data.teacher_cache import ShardWriter, check_cache_dir, clear_cache, content_hash, crop_map, write_index
 from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
-from tests.launching import accelerate_launch
+from tests.launching import accelerate_launch, launch_env
 from trainer.train.cache_teacher import build_cache, main, open_cache, teacher_config_hash
 from trainer.config import load_config
 from trainer.train.inputs import EpochSeededDataset
@@ -479,7 +479,7 @@ def test_two_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = launch_env()
     result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.train.cache_teacher", "--cache-dir",
                              str(out), "--config", str(Path(__file__).parents[1] / "trainer/configs/demo.yaml"),
                              f"data.train_dir={tmp_path / 'photos'}"],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launching import accelerate_launch
+from tests.launching import accelerate_launch, launch_env
 from trainer.train.run_dir import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +366,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     results = {}
     for launcher in ("cpu", "cpu_2proc"):
         out = tmp_path / f"{launcher}.json"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        env = launch_env()
         subprocess.run([*accelerate_launch(launcher), "-m", "trainer.evaluate", "--checkpoint",
                         str(checkpoint), "--data", str(photo_dir), "--batch-size", "2", "--json", str(out)],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
