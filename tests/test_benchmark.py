@@ -19,7 +19,8 @@ from PIL import Image
 from tests.benchmark_files import (DA2K_PAIRS, make_benchmark_root, make_kitti, make_nyu, make_nyu_marigold,
                                    write_dpt)
 from tests.conftest import save_student_folder
-from tests.launching import accelerate_launch, launch_env
+from tests.launching import launch_env
+from tests.warm import run_warm
 from trainer.benchmark.harness import BenchmarkDataset, format_table, gaps, run_benchmark
 from trainer.benchmark.models import BenchmarkModel
 from trainer.benchmark.readers import open_reader
@@ -356,18 +357,17 @@ def test_model_kinds(checkpoint, tmp_path, tiny_teacher):
         assert model.predict(image[None]).shape == (1, 1, 70, 112)
 
 
-def _launch(root: Path, models: list[str], out: Path, config: str) -> subprocess.CompletedProcess:
-    env = launch_env()
-    command = [*accelerate_launch(config), "-m", "trainer.benchmark", "--root", str(root), "--teacher-size", "70",
-               "--json", str(out), "--suite", ",".join(BENCHMARKS)]
+def _benchmark(root: Path, models: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
+    """`python -m trainer.benchmark` on N processes (warm ones, tests/warm.py)."""
+    args = ["--root", str(root), "--teacher-size", "70", "--json", str(out), "--suite", ",".join(BENCHMARKS)]
     for model in models:
-        command += ["--model", model]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        args += ["--model", model]
+    return run_warm("trainer.benchmark.run", args, launch_env(), processes)
 
 
 def test_two_processes_give_the_same_table_as_one(root, checkpoint, tmp_path):
     """Teacher, student folder and its ONNX export on all six benchmarks (3 images each: the
-    second process gets a padded shard), under accelerate launch with 1 and 2 processes."""
+    second process gets a padded shard), on 1 and 2 processes."""
     from modeling import load_student
     from trainer.ship.export import export_student
 
@@ -375,11 +375,11 @@ def test_two_processes_give_the_same_table_as_one(root, checkpoint, tmp_path):
     export_student(load_student(checkpoint), onnx, 64)
     models = ["teacher:tiny", str(checkpoint), str(onnx)]
     runs = {}
-    for config in ("cpu", "cpu_2proc"):
-        result = _launch(root, models, tmp_path / f"{config}.json", config)
+    for processes in (1, 2):
+        result = _benchmark(root, models, tmp_path / f"{processes}.json", processes)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[config] = (result.stdout, json.loads((tmp_path / f"{config}.json").read_text()))
-    (one_out, one), (two_out, two) = runs["cpu"], runs["cpu_2proc"]
+        runs[processes] = (result.stdout, json.loads((tmp_path / f"{processes}.json").read_text()))
+    (one_out, one), (two_out, two) = runs[1], runs[2]
     table = one_out[one_out.index("| model |"):one_out.index("Evaluated:")]
     assert table in two_out and two_out.count("| model |") == 1  # printed once, the same
     assert set(one["results"]) == set(models) and set(one["gaps"]) == {str(checkpoint), str(onnx)}

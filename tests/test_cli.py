@@ -388,7 +388,7 @@ def test_two_nodes_over_loopback_train_like_two_processes_on_one(tmp_path, photo
 
     extra = ["train.max_steps=3", "data.val_fraction=0", "export.enabled=false"]
     one_node = tmp_path / "one_node"
-    run_trainer(tiny_run_args(one_node, photo_dir, *extra), launcher="cpu_2proc")
+    run_trainer(tiny_run_args(one_node, photo_dir, *extra), processes=2)
     two_nodes = tmp_path / "two_nodes"
     node0, node1 = launch_two_nodes(lambda rank: tiny_run_args(two_nodes, photo_dir, *extra))
     assert node0.returncode == node1.returncode == 0, node0.stderr[-2000:] + node1.stderr[-2000:]

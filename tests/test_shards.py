@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,8 @@ from PIL import Image
 
 from data.shards import ShardPhotoDataset, ShardSet, collate_encoded, shard_count
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
-from tests.launching import accelerate_launch, launch_env
+from tests.launching import launch_env
+from tests.warm import run_warm
 from trainer import prepare_shards as prepare_module
 from trainer.config import ConfigError, load_config
 from trainer.prepare_shards import prepare_shards
@@ -122,8 +121,8 @@ def test_prepare_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, p
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    result = subprocess.run([sys.executable, "-m", "trainer.prepare_shards", "--config", DEMO, "--out", str(out),
-                             f"data.train_dir={photo_dir}", *SIZES], cwd=REPO, capture_output=True, text=True)
+    result = run_warm("trainer.prepare_shards", ["--config", DEMO, "--out", str(out), f"data.train_dir={photo_dir}",
+                                                 *SIZES])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {out} holds files that are not photo shards (e.g. notes.txt); choose an empty or new --out"]
@@ -134,10 +133,8 @@ def test_two_writer_processes_refuse_a_folder_of_other_files_in_one_line(tmp_pat
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    env = launch_env()
-    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.prepare_shards", "--config", DEMO,
-                             "--out", str(out), f"data.train_dir={photo_dir}", *SIZES],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_warm("trainer.prepare_shards", ["--config", DEMO, "--out", str(out), f"data.train_dir={photo_dir}",
+                                                 *SIZES], launch_env(), processes=2)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {out} holds files that are not photo shards (e.g. notes.txt); choose an empty or "
@@ -156,10 +153,8 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, photo_dir, caps
 
 def test_two_writer_processes_write_every_photo_once(tmp_path, photo_dir):
     out = tmp_path / "shards"
-    env = launch_env()
-    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.prepare_shards", "--config", DEMO,
-                             "--out", str(out), f"data.train_dir={photo_dir}", *SIZES, "data.val_fraction=0"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_warm("trainer.prepare_shards", ["--config", DEMO, "--out", str(out), f"data.train_dir={photo_dir}",
+                                                 *SIZES, "data.val_fraction=0"], launch_env(), processes=2)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("unreadable skipped") == 1  # the summary, from the main process only
     photos = ShardSet.open(out).photos["train"]

@@ -20,7 +20,8 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, CacheDirError, CachedTeacherDatas
 from data.teacher_cache import ShardWriter, check_cache_dir, clear_cache, content_hash, crop_map, write_index
 from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
-from tests.launching import accelerate_launch, launch_env
+from tests.launching import launch_env
+from tests.warm import run_warm
 from trainer.train.cache_teacher import build_cache, main, open_cache, teacher_config_hash
 from trainer.config import load_config
 from trainer.train.inputs import EpochSeededDataset
@@ -473,17 +474,12 @@ def test_cli_reports_each_user_mistake_in_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_two_processes_refuse_a_folder_of_other_files_in_one_line(tmp_path):
-    import subprocess
-
     _square_photos(tmp_path / "photos", count=2)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    env = launch_env()
-    result = subprocess.run([*accelerate_launch("cpu_2proc"), "-m", "trainer.train.cache_teacher", "--cache-dir",
-                             str(out), "--config", str(Path(__file__).parents[1] / "trainer/configs/demo.yaml"),
-                             f"data.train_dir={tmp_path / 'photos'}"],
-                            cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    args = ["--cache-dir", str(out), "--config", "trainer/configs/demo.yaml", f"data.train_dir={tmp_path / 'photos'}"]
+    result = run_warm("trainer.train.cache_teacher", args, launch_env(), processes=2)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {out} holds files that are not a teacher cache; choose an empty or new --cache-dir"]

@@ -1,5 +1,7 @@
-"""The trainer run for real, as users run it: `trainer/main.py` and `accelerate launch`, on tiny
-models and images, in subprocesses (each run owns its process-wide Accelerate state)."""
+"""The trainer run for real on tiny models and images: `trainer/main.py`'s main in a process of its
+own per run (each owns its process-wide Accelerate state), one per rank for a 2-process run. The
+processes are warm (tests/warm.py): forked with the libraries already imported. The launchers
+themselves are tested in test_cli.py and test_launch.py."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launching import accelerate_launch, launch_env
+from tests.launching import launch_env
+from tests.warm import run_warm
 from trainer.train.run_dir import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,18 +28,15 @@ TINY = ["data.teacher_size=70", "data.student_size=64", "train.batch_size=2", "d
         "eval.batch_size=2", "log.log_every=1", "log.image_every=2", "train.deterministic=true"]
 
 
-def run_trainer(args: list[str], launcher: str = "python", fault: str | None = None,
+def run_trainer(args: list[str], processes: int = 1, fault: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess:
+    """`python trainer/main.py ARGS` on one process, or the ranks of `accelerate launch` on more, as
+    warm processes (tests/warm.py); `fault` sets DEPTH_DISTILL_FAULT (trainer/train/faults.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("DEPTH_DISTILL_FAULT", None)
     if fault:
         env["DEPTH_DISTILL_FAULT"] = fault
-    if launcher == "python":
-        command = [sys.executable, "trainer/main.py"]
-    else:  # an accelerate config name: the real launcher, as a user runs it
-        env["ACCELERATE_USE_CPU"] = "true"
-        command = [*accelerate_launch(launcher), "trainer/main.py"]
-    result = subprocess.run(command + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_warm("trainer.main", args, env, processes)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
@@ -192,8 +192,8 @@ SHARES_THE_REFERENCE = pytest.mark.xdist_group("uninterrupted_reference")
 
 def make_shards(out: Path, photos: Path, *overrides: str) -> Path:
     """The photos as shards, as `python -m trainer.prepare_shards` writes them for a tiny run."""
-    result = subprocess.run([sys.executable, "-m", "trainer.prepare_shards", "--config", DEMO, "--out", str(out),
-                             f"data.train_dir={photos}", *TINY, *overrides], cwd=REPO, capture_output=True, text=True)
+    result = run_warm("trainer.prepare_shards", ["--config", DEMO, "--out", str(out), f"data.train_dir={photos}",
+                                                 *TINY, *overrides])
     assert result.returncode == 0, result.stderr
     return out
 
@@ -217,11 +217,10 @@ def test_sigkill_mid_epoch_then_resume_from_shards_equals_uninterrupted(tmp_path
     run_dir = tmp_path / "run"
     args = tiny_run_args(run_dir, tmp_path / "no_photos_here", f"data.shards={shards}", "train.max_steps=10",
                          "train.save_every=3")
-    killed = run_trainer(args + ["data.num_workers=1", "data.decode_on=workers"], launcher="cpu", fault="sigkill@5",
-                         check=False)
+    killed = run_trainer(args + ["data.num_workers=1", "data.decode_on=workers"], fault="sigkill@5", check=False)
     assert killed.returncode != 0
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
-    resumed = run_trainer(args + ["--resume", "latest", "data.decode_on=device"], launcher="cpu")
+    resumed = run_trainer(args + ["--resume", "latest", "data.decode_on=device"])
     assert "changed on resume: data.decode_on" in resumed.stdout + resumed.stderr
     assert "from shards" in resumed.stdout
     assert_same_weights(final_student(run_dir), final_student(reference))
@@ -232,12 +231,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrup
     photos, reference = uninterrupted
     run_dir = tmp_path / "run"
     args = tiny_run_args(run_dir, photos, "train.max_steps=10", "train.save_every=3")
-    killed = run_trainer(args, launcher="cpu", fault="sigkill@5", check=False)
+    killed = run_trainer(args, fault="sigkill@5", check=False)
     assert killed.returncode != 0
     assert not (run_dir / "student_last").exists()
     # Step 5 had passed; the last complete state is step 3: mid-epoch (batch 1 of 2 of epoch 1).
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
-    resumed = run_trainer(args + ["--resume", "latest"], launcher="cpu")
+    resumed = run_trainer(args + ["--resume", "latest"])
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_same_weights(final_student(run_dir), final_student(reference))
     # TensorBoard continues at the right step: the resumed part logs steps 7..10 once more, with
@@ -313,7 +312,7 @@ def test_a_labeled_set_of_only_unreadable_pairs_stops_the_run_with_one_line(tmp_
 def test_nan_on_one_rank_is_skipped_on_both(tmp_path, photo_dir):
     run_dir = tmp_path / "run"
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=4", "train.save_every=100",
-                                       "data.val_fraction=0"), launcher="cpu_2proc", fault="nan@1:1")
+                                       "data.val_fraction=0"), processes=2, fault="nan@1:1")
     output = result.stdout + result.stderr
     assert output.count("non-finite loss, gradients or BatchNorm statistics, step skipped") == 1  # by rank 0
     events = scalar_events(run_dir)
@@ -364,16 +363,15 @@ def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     cfg = load_config(DEMO, ["data.teacher_size=70", "data.student_size=64", "data.num_workers=0"])
     (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
     results = {}
-    for launcher in ("cpu", "cpu_2proc"):
-        out = tmp_path / f"{launcher}.json"
-        env = launch_env()
-        subprocess.run([*accelerate_launch(launcher), "-m", "trainer.evaluate", "--checkpoint",
-                        str(checkpoint), "--data", str(photo_dir), "--batch-size", "2", "--json", str(out)],
-                       cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-        results[launcher] = json.loads(out.read_text())
-    assert results["cpu"]["num_images"] == results["cpu_2proc"]["num_images"] == 5
-    for name, value in results["cpu"].items():
-        assert results["cpu_2proc"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    for processes in (1, 2):
+        out = tmp_path / f"{processes}.json"
+        args = ["--checkpoint", str(checkpoint), "--data", str(photo_dir), "--batch-size", "2", "--json", str(out)]
+        result = run_warm("trainer.evaluate.evaluation", args, launch_env(), processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[processes] = json.loads(out.read_text())
+    assert results[1]["num_images"] == results[2]["num_images"] == 5
+    for name, value in results[1].items():
+        assert results[2][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def test_training_from_the_teacher_cache(tmp_path, photo_dir):
@@ -423,27 +421,45 @@ def photos_and_lr(run_dir: Path) -> dict[float, float]:
     return {photos_at[step]: lr for step, lr in events["lr/decoder"]}
 
 
-@pytest.mark.parametrize("first, then, kill_after, source", [("cpu", "cpu_2proc", 2, "folder"),
-                                                             ("cpu_2proc", "cpu", 2, "folder"),
-                                                             ("cpu_2proc", "cpu", 2, "shards")])
-def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, photo_dir, first, then, kill_after,
-                                                                      source):
+RESUME_ARGS = ["train.epochs=3", "train.save_every=1", "data.val_fraction=0", "export.enabled=false",
+               "optim.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def planned_schedule(tmp_path_factory):
+    """lr by photos seen in an uninterrupted run on N processes, trained once per N for the
+    tests below (the schedule does not depend on where the photos come from)."""
+    root = tmp_path_factory.mktemp("schedules")
+    photos = root / "photos"
+    photos.mkdir()
+    for path in sorted((REPO / "data" / "samples").glob("*.jpg"))[:4]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    schedules: dict[str, dict[float, float]] = {}
+
+    def of(processes: int) -> dict[float, float]:
+        if processes not in schedules:
+            run_trainer(tiny_run_args(root / str(processes), photos, *RESUME_ARGS), processes)
+            schedules[processes] = photos_and_lr(root / str(processes))
+        return schedules[processes]
+    return of
+
+
+@pytest.mark.xdist_group("planned_schedule")
+@pytest.mark.parametrize("first, then, source", [(1, 2, "folder"), (2, 1, "folder"), (2, 1, "shards")])
+def test_resume_on_another_number_of_processes_trains_the_same_photos(tmp_path, photo_dir, planned_schedule, first,
+                                                                      then, source):
     """4 photos, batch 2 per process, 3 epochs = 12 photos: 6 steps on one process, 3 on two.
     Before the schedule and the stopping point were counted in photos, 1 -> 2 processes resumed
     at a step past the new total and trained nothing, and 2 -> 1 trained 3.67 epochs with the
     cosine schedule stretched. (A resume at a photo count that is not a multiple of the new
     photos per step ends at the first step past the planned count: at most one step more.)"""
-    args = ["train.epochs=3", "train.save_every=1", "data.val_fraction=0", "export.enabled=false",
-            "optim.warmup_steps=1"]
+    args = list(RESUME_ARGS)
     if source == "shards":
         args.append(f"data.shards={make_shards(tmp_path / 'shards', photo_dir, *args)}")
-    reference = tmp_path / "reference"
-    run_trainer(tiny_run_args(reference, photo_dir, *args), launcher=first)
     run_dir = tmp_path / "run"
-    run_trainer(tiny_run_args(run_dir, photo_dir, *args), launcher=first, fault=f"sigkill@{kill_after}",
-                check=False)
-    run_trainer(tiny_run_args(run_dir, photo_dir, *args) + ["--resume", "latest"], launcher=then)
-    expected, resumed = photos_and_lr(reference), photos_and_lr(run_dir)
+    run_trainer(tiny_run_args(run_dir, photo_dir, *args), first, fault="sigkill@2", check=False)
+    run_trainer(tiny_run_args(run_dir, photo_dir, *args) + ["--resume", "latest"], then)
+    expected, resumed = planned_schedule(first), photos_and_lr(run_dir)
     assert max(expected) == max(resumed) == 12
     shared = set(expected) & set(resumed)
     assert 12 in shared and len(shared) >= 2
