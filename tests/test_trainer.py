@@ -343,7 +343,9 @@ def test_persistent_nan_stops_with_a_clear_error(tmp_path, photo_dir):
     result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=10", "train.max_nonfinite_steps=3",
                                        "train.save_every=1"), fault="nan@*", check=False)
     assert result.returncode == 2
-    assert "3 steps in a row had a non-finite loss, gradients or BatchNorm" in result.stdout + result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "3 steps in a row had a non-finite loss, gradients or BatchNorm" in error
+    assert "Traceback" not in result.stderr
     assert not (run_dir / "student.onnx").exists()
     # Skipped steps leave the weights as they were: what was saved is finite and loadable.
     for state in (run_dir / "checkpoints").iterdir():
@@ -477,6 +479,14 @@ def test_a_failed_final_save_exits_non_zero_and_says_what_was_kept(tmp_path, pho
     assert len(errors) == 1 and "could not save the end of the run at step 4" in errors[0]
     assert str(run_dir / "checkpoints" / "step_00000002") in errors[0]
     assert not (run_dir / "student.onnx").exists() and not (run_dir / "student_last").exists()
+
+
+def test_a_failed_export_exits_3_and_keeps_the_trained_student(tmp_path, photo_dir):
+    run_dir = tmp_path / "run"
+    result = run_trainer(tiny_run_args(run_dir, photo_dir, "train.max_steps=1", "export.opset=99"), check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ONNX export" in result.stderr
+    assert (run_dir / "student_last" / "model.safetensors").is_file()
 
 
 def test_a_batch_of_only_unreadable_photos_is_a_zero_loss_step(tmp_path):
