@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from data import load_rgb
 from tests.conftest import save_student_folder
+from tests.warm import run_warm
 from trainer.ship.export import main
 from trainer.ship.predict import preprocess
 
@@ -31,7 +31,7 @@ SIZE = 64
 
 def _litert_or_skip() -> None:
     # Looked up, not imported: litert-torch imports JAX, whose threads make the later tests' forked
-    # DataLoader workers deadlock-prone, so conversions run in a process of their own.
+    # DataLoader workers deadlock-prone, so conversions run in a process of their own (a warm one).
     missing = [name for name in ("litert_torch", "ai_edge_litert") if importlib.util.find_spec(name) is None]
     if not missing:
         return
@@ -57,8 +57,7 @@ def test_tflite_file_gives_pytorch_depth_and_reports_it(checkpoint, capsys):
 
     from modeling import load_student
 
-    done = subprocess.run([sys.executable, "-m", "trainer.ship.export", "--checkpoint", str(checkpoint),
-                           "--format", "tflite"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = run_warm("trainer.ship.export", ["--checkpoint", str(checkpoint), "--format", "tflite"])
     assert done.returncode == 0, done.stderr
     path = checkpoint.parent / "student.tflite"
     assert done.stdout.rstrip().endswith(f"wrote {path.resolve()} and {path.resolve()}.json")
