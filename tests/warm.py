@@ -50,6 +50,9 @@ def _child(module: str, function: str, argv: list[str], env: dict[str, str], cwd
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # A fork server's child inherits its start method; a fresh interpreter has the platform's
+    # default (DataLoader workers are forked on Linux, not served by a fork server of their own).
+    multiprocessing.set_start_method(None, force=True)
     import torch
 
     # A fresh process reads OMP_NUM_THREADS when torch loads; the server loaded it long before.
