@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from PIL import Image
 
 from data import load_rgb
 from tests.conftest import save_student_folder
+from tests.warm import run_warm
 from trainer.ship import web, web_check
 from trainer.ship.export import ExportError, main
 from trainer.ship.predict import preprocess
@@ -60,12 +59,16 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def browser_page(checkpoint, tmp_path_factory):
     """The page exported through the CLI, served on 127.0.0.1 and opened in headless Chromium,
-    its model loaded; every file it asks for must be in its folder (it works offline)."""
+    its model loaded; every file it asks for must be in its folder (it works offline). The tests
+    that use it share one pytest-xdist worker (ON_THE_PAGE), which opens it once."""
     _missing_or_skip(_browser_problem())
     page_dir = tmp_path_factory.mktemp("served") / "web"
     assert main(["--checkpoint", str(checkpoint), "--web", str(page_dir)]) == 0
     with web_check.open_page(page_dir, os.environ.get("DEPTH_DISTILL_CHROMIUM")) as page:
         yield page, page_dir
+
+
+ON_THE_PAGE = pytest.mark.xdist_group("browser_page")
 
 
 def _page_preprocess(page, image: Image.Image, size: int) -> np.ndarray:
@@ -78,6 +81,7 @@ def _page_preprocess(page, image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(3, size, size)
 
 
+@ON_THE_PAGE
 def test_page_resizes_and_normalises_exactly_like_python(browser_page):
     page, _ = browser_page
     rng = np.random.default_rng(0)
@@ -92,6 +96,7 @@ def test_page_resizes_and_normalises_exactly_like_python(browser_page):
     assert np.array_equal(_page_preprocess(page, cases[-1], 64), preprocess(cases[-1], 64).numpy())
 
 
+@ON_THE_PAGE
 def test_page_gives_the_depth_of_onnxruntime_in_python(browser_page, tmp_path):
     page, page_dir = browser_page
     session = onnxruntime.InferenceSession(str(page_dir / "student.onnx"), providers=["CPUExecutionProvider"])
@@ -119,13 +124,14 @@ def test_page_gives_the_depth_of_onnxruntime_in_python(browser_page, tmp_path):
     assert len(set(shown[0::4])) > 10  # many shades of red: a colour map, not an empty canvas
 
 
+@ON_THE_PAGE
 def test_web_check_cli_reports_the_page_against_python(browser_page, tmp_path, capsys):
     _, page_dir = browser_page
     output = tmp_path / "web.json"
     chromium = ["--chromium", os.environ["DEPTH_DISTILL_CHROMIUM"]] if "DEPTH_DISTILL_CHROMIUM" in os.environ else []
-    # Its own process: one Playwright session per process, and the fixture's is open.
-    done = subprocess.run([sys.executable, "-m", "trainer.ship.web_check", str(page_dir), str(SAMPLES / "coffee.jpg"),
-                           "--json", str(output), *chromium], capture_output=True, text=True, cwd=REPO, timeout=300)
+    # Its own (warm) process: one Playwright session per process, and the fixture's is open.
+    done = run_warm("trainer.ship.web_check", [str(page_dir), str(SAMPLES / "coffee.jpg"), "--json", str(output),
+                                               *chromium])
     assert done.returncode == 0, done.stderr
     summary = done.stdout.rstrip().splitlines()[-1]
     assert summary.startswith("1 photos: input max |page - python| = 0, depth max |page - onnxruntime| = ")
@@ -137,6 +143,7 @@ def test_web_check_cli_reports_the_page_against_python(browser_page, tmp_path, c
                                        f"trainer.ship.export --web {tmp_path}")
 
 
+@ON_THE_PAGE
 def test_page_says_when_a_file_is_not_a_photo(browser_page, tmp_path):
     page, _ = browser_page
     notes = tmp_path / "notes.txt"
