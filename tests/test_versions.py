@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -35,3 +37,13 @@ def test_newest_lifts_upper_bounds_and_oldest_takes_the_lower_bound():
     assert versions.without_upper_bounds("torch>=2.4,<=2.14.1") == "torch>=2.4"
     assert versions.without_upper_bounds("litert-torch>=0.10,<0.11") == "litert-torch>=0.10"
     assert versions.lower_bound("accelerate>=1.0,<=1.16.0") == "accelerate==1.0"
+
+
+@pytest.mark.xdist_group("grouping_check")
+def test_pytest_xdist_groups_take_effect(request):
+    """setup.cfg's `--dist loadgroup` sends the tests of one xdist_group to one worker, so that a
+    module-scoped run or page is made once. pytest 9.2.0 made pytest-xdist 3.8.0 ignore the marks
+    without a word (pytest-dev/pytest-xdist#1386): the group name no longer reaches the test's id."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by a pytest-xdist worker with --dist loadgroup")
+    assert request.node.nodeid.endswith("@grouping_check")
