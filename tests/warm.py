@@ -9,6 +9,11 @@ the test asks for. Its stdout and stderr are its file descriptors 1 and 2, so wh
 there (print, logging, tqdm, a C library) is captured, as `subprocess.run` captures it. A child
 that dies by a signal reports -N, as a subprocess does.
 
+The server starts at a pytest worker's first warm run and lives as long as the worker. What the
+libraries read from the environment when they are imported (huggingface_hub's HF_HUB_OFFLINE, which
+conftest.py sets) comes from the worker's environment at that moment; everything read later comes
+from the environment the test passes.
+
 Several processes are the ranks of one distributed run, each with the variables torchrun gives
 its workers (`accelerate launch` runs torchrun), the gloo rendezvous on a port of their own. The
 launchers themselves (`accelerate launch`, `launch.sh`, `trainer.launch`) are tested for real in
