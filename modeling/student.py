@@ -24,12 +24,12 @@ from torch import nn
 from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from modeling.decoder import build_decoder
 from core.errors import RunError, first_line
+from core.student_folder import FOLDER_HINT, student_folder_problem
 
 # Encoder stages fed to the decoder: strides 4, 8, 16, 32 (timm's feature index 0 is stride 2).
 ENCODER_OUT_INDICES = (1, 2, 3, 4)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_FOLDER_HINT = "pass a folder written by training, e.g. runs/<run_name>/student_best"
 
 
 class StudentLoadError(RunError):
@@ -126,7 +126,7 @@ class StudentDepthModel(nn.Module, PyTorchModelHubMixin, library_name="depth-dis
 def _read_config(folder: Path) -> dict:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise StudentLoadError(f"{folder} is not a student folder (no {CONFIG_NAME}); {_FOLDER_HINT}")
+        raise StudentLoadError(f"{folder} is not a student folder (no {CONFIG_NAME}); {FOLDER_HINT}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
@@ -174,14 +174,13 @@ def load_student(path: str | Path) -> StudentDepthModel:
     mismatched model.safetensors, or a backbone timm does not know.
     """
     folder = Path(path)
-    if not folder.exists():
-        raise StudentLoadError(f"{folder} does not exist; {_FOLDER_HINT}")
-    if not folder.is_dir():
-        raise StudentLoadError(f"{folder} is a file, not a student folder; {_FOLDER_HINT}")
+    problem = student_folder_problem(folder)
+    if problem:
+        raise StudentLoadError(problem)
     config = _read_config(folder)
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
-        raise StudentLoadError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} (the weights); {_FOLDER_HINT}")
+        raise StudentLoadError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} (the weights); {FOLDER_HINT}")
     model = _build_from_config(config, folder / CONFIG_NAME)
     _load_weights(model, weights_path)
     return model.eval()

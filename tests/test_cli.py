@@ -308,7 +308,7 @@ def saved_student(tmp_path_factory) -> Path:
     (lambda s, d, t: ["--data", str(d)], "HF_HUB_OFFLINE"),  # no run config: the hub teacher, offline
 ])
 def test_evaluate_mistakes_are_one_line(tmp_path, photo_dir, saved_student, capsys, make_args, expected):
-    from trainer.evaluate.evaluation import main
+    from trainer.evaluate.cli import main
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -319,7 +319,7 @@ def test_evaluate_mistakes_are_one_line(tmp_path, photo_dir, saved_student, caps
 
 def test_evaluate_skips_an_unreadable_ground_truth_pair_and_names_it(tmp_path, saved_student, capsys):
     from tests.test_trainer import make_labeled_set
-    from trainer.evaluate.evaluation import main
+    from trainer.evaluate.cli import main
 
     labeled = make_labeled_set(tmp_path / "labeled")
     (labeled / "depth" / "1.npy").write_bytes(b"not an array")
@@ -334,7 +334,7 @@ def test_evaluate_skips_an_unreadable_ground_truth_pair_and_names_it(tmp_path, s
 
 
 def test_evaluate_a_corrupt_student_folder_is_one_line(tmp_path, photo_dir, saved_student, capsys):
-    from trainer.evaluate.evaluation import main
+    from trainer.evaluate.cli import main
 
     broken = tmp_path / "student_best"
     broken.mkdir()
@@ -345,7 +345,7 @@ def test_evaluate_a_corrupt_student_folder_is_one_line(tmp_path, photo_dir, save
     assert error.startswith("error:") and "model.safetensors" in error and len(error.splitlines()) == 1
 
 
-@pytest.mark.parametrize("module", ["trainer.main", "trainer.evaluate.evaluation", "trainer.ship.export",
+@pytest.mark.parametrize("module", ["trainer.main", "trainer.evaluate.cli", "trainer.ship.export",
                                     "trainer.ship.predict", "trainer.ship.quantize", "trainer.train.cache_teacher"])
 def test_a_usage_mistake_is_one_line_with_exit_code_1(module, capsys):
     import importlib

@@ -1,5 +1,6 @@
 """The project's layers: `core/` under everything, `data/`, `modeling/` and `losses/` above it, and
-`trainer/` on top; and a trainer that reads and checks its configuration before it loads torch."""
+`trainer/` on top; and a trainer and an evaluation that check what they are given before they
+load torch."""
 
 from __future__ import annotations
 
@@ -51,8 +52,22 @@ def test_core_imports_only_the_standard_library():
     (["--config", DEMO, "data.student_size=100"], "multiple of 32"),
 ])
 def test_help_and_configuration_mistakes_answer_before_torch_loads(args, expected):
-    done = subprocess.run([sys.executable, "-X", "importtime", "trainer/main.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    _assert_answers_light(["trainer/main.py", *args], expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--checkpoint", "runs/no_such_run/student_best", "--data", "data/samples"],
+     "error: runs/no_such_run/student_best does not exist; pass a folder written by training"),
+    (["--checkpoint", "data/samples", "--data", "data/no_such_folder"], "error: --data data/no_such_folder: no such"),
+])
+def test_evaluate_argument_mistakes_answer_before_torch_loads(args, expected):
+    """Under a 2-process launch each process paid about 6 s of imports before it said so."""
+    _assert_answers_light(["-m", "trainer.evaluate", *args], expected)
+
+
+def _assert_answers_light(command: list[str], expected: str) -> None:
+    done = subprocess.run([sys.executable, "-X", "importtime", *command], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
     assert expected in done.stdout + done.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))

@@ -368,7 +368,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, photo_dir):
     for processes in (1, 2):
         out = tmp_path / f"{processes}.json"
         args = ["--checkpoint", str(checkpoint), "--data", str(photo_dir), "--batch-size", "2", "--json", str(out)]
-        result = run_warm("trainer.evaluate.evaluation", args, launch_env(), processes)
+        result = run_warm("trainer.evaluate.cli", args, launch_env(), processes)
         assert result.returncode == 0, result.stderr[-3000:]
         results[processes] = json.loads(out.read_text())
     assert results[1]["num_images"] == results[2]["num_images"] == 5

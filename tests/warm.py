@@ -37,8 +37,8 @@ from tests.launching import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 # What the server imports once: everything a trainer, a tool or a benchmark imports.
-PRELOAD = ["trainer.train.run", "trainer.evaluate.evaluation", "trainer.benchmark.run", "trainer.prepare_shards",
-           "trainer.train.cache_teacher", "tests.warm"]
+PRELOAD = ["trainer.train.run", "trainer.evaluate.cli", "trainer.evaluate.evaluation", "trainer.benchmark.run",
+           "trainer.prepare_shards", "trainer.train.cache_teacher", "tests.warm"]
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(PRELOAD)
 # After a rank fails, the time the others get to end on their own before they are killed (torchrun

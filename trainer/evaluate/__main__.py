@@ -3,6 +3,6 @@
 import sys
 
 from trainer.console import record_exit_code
-from trainer.evaluate.evaluation import main
+from trainer.evaluate.cli import main
 
 sys.exit(record_exit_code(main()))

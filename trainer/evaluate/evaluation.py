@@ -1,9 +1,7 @@
 """Evaluation: student vs teacher on unlabeled photos, and student vs ground truth on labeled sets.
 
-Used after every epoch by the trainer, and on its own:
-
-    python -m trainer.evaluate --checkpoint runs/demo/student_best --data data/samples [--json m.json]
-    accelerate launch -m trainer.evaluate --checkpoint DIR --data NYU_DIR --labeled --crop eigen_nyu
+Used after every epoch by the trainer, and on its own through `python -m trainer.evaluate`
+(trainer/evaluate/cli.py, which checks the arguments first).
 
 Per-image metrics are gathered with `gather_for_metrics`, so the averages are the same on 1 or N
 processes and the padding Accelerate adds to uneven shards is never counted.
@@ -13,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,12 +22,10 @@ from torch.utils.data import DataLoader
 
 from data import EvalTransform, LabeledDepthDataset, UnlabeledImageDataset, no_images_message, scan_images
 from modeling import DepthAnythingTeacher, load_student
-from core.cli import ArgumentParser
-from trainer.console import (UnreadableReporter, output_path_problem, print_error, record_exit_code, say,
-                             setup_logging, shown_path)
+from trainer.console import UnreadableReporter, say, shown_path
 from core.errors import RunError
 from trainer.processes import check_world_size
-from core.choices import ALIGN_MODES, METRIC_NAMES
+from core.choices import METRIC_NAMES
 from trainer.evaluate.metrics import (average_metrics, depth_metrics, depth_valid_mask_from_disparity,
                                       disparity_to_depth)
 
@@ -88,40 +83,6 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     return f"{title}{count}\n{header}\n{values}"
 
 
-def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="student folder (config.json + model.safetensors)")
-    parser.add_argument("--data", required=True, help="folder of photos, or of images/ + depth/ with --labeled")
-    parser.add_argument("--labeled", action="store_true", help="compare with ground-truth depth")
-    parser.add_argument("--config", help="run config for the teacher and sizes (default: the run's config.yaml)")
-    parser.add_argument("--align", choices=list(ALIGN_MODES), default=None)
-    parser.add_argument("--crop", choices=["eigen_nyu", "garg_kitti", "eigen_kitti"], default=None)
-    parser.add_argument("--min-depth", type=float, default=None)
-    parser.add_argument("--max-depth", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--json", help="write the averaged metrics here as one JSON object")
-    parser.add_argument("--verbose", action="store_true", help="also show the libraries' info messages")
-    return parser.parse_intermixed_args(argv)
-
-
-def _check_inputs(args: argparse.Namespace) -> None:
-    """Every mistake in the arguments, found before a model is loaded."""
-    data = Path(args.data)
-    if not data.is_dir():
-        raise RunError(f"--data {data}: no such folder")
-    if args.labeled:
-        missing = [name for name in ("images", "depth") if not (data / name).is_dir()]
-        if missing:
-            raise RunError(f"--labeled: {data} must hold images/ and depth/ (missing: {', '.join(missing)})")
-    if args.config and not Path(args.config).is_file():
-        raise RunError(f"--config {args.config}: no such file")
-    problem = output_path_problem(Path(args.json), "--json") if args.json else None
-    if problem:
-        raise RunError(problem)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise RunError(f"--batch-size {args.batch_size} must be >= 1")
-
-
 def _dataset(args: argparse.Namespace, cfg, transform: EvalTransform):
     d = cfg.data
     if args.labeled:
@@ -138,9 +99,9 @@ def _dataset(args: argparse.Namespace, cfg, transform: EvalTransform):
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
+    """The evaluation `python -m trainer.evaluate` asks for, its arguments checked (trainer/evaluate/cli.py)."""
     from trainer.config import load_config  # CLI-only import
 
-    _check_inputs(args)
     checkpoint = Path(args.checkpoint)
     student = load_student(checkpoint)
     run_config = Path(args.config) if args.config else checkpoint.parent / "config.yaml"
@@ -176,21 +137,3 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
         say(f"wrote {shown_path(Path(args.json))}")
     return metrics
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Exit codes: 0 metrics computed, 1 a mistake in the arguments or data (one `error:` line)."""
-    from trainer.config import ConfigError  # CLI-only import
-
-    args = _parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        run(args)
-    except (ConfigError, RunError) as error:  # every loading error is a RunError
-        print_error(str(error))
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(record_exit_code(main()))
