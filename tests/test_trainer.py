@@ -6,7 +6,6 @@ themselves are tested in test_cli.py and test_launch.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ def run_trainer(args: list[str], processes: int = 1, fault: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess:
     """`python trainer/main.py ARGS` on one process, or the ranks of `accelerate launch` on more, as
     warm processes (tests/warm.py); `fault` sets DEPTH_DISTILL_FAULT (trainer/train/faults.py)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     env.pop("DEPTH_DISTILL_FAULT", None)
     if fault:
         env["DEPTH_DISTILL_FAULT"] = fault
@@ -436,7 +435,7 @@ def planned_schedule(tmp_path_factory):
     photos.mkdir()
     for path in sorted((REPO / "data" / "samples").glob("*.jpg"))[:4]:
         (photos / path.name).write_bytes(path.read_bytes())
-    schedules: dict[str, dict[float, float]] = {}
+    schedules: dict[int, dict[float, float]] = {}
 
     def of(processes: int) -> dict[float, float]:
         if processes not in schedules:

@@ -10,7 +10,6 @@ answers at once (also on every process of a launch). Then trainer/evaluate/evalu
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ from core.choices import ALIGN_MODES
 from core.cli import ArgumentParser
 from core.errors import RunError
 from core.student_folder import student_folder_problem
-from trainer.console import output_path_problem, print_error, record_exit_code, setup_logging
+from trainer.console import output_path_problem, print_error, setup_logging
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -72,7 +71,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         print_error(str(error))
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(record_exit_code(main()))
