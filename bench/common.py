@@ -86,7 +86,7 @@ def trainer_step(cfg: Config, accelerator, teacher: DepthAnythingTeacher, steps:
     cfg.seed unless given), its batches for `steps` steps on the trainer's own dataset and loader,
     prepared as the trainer prepares them, and the dataset's class name."""
     from trainer.train.distill import build_module, build_optimizer, build_scheduler, build_student
-    from trainer.train.inputs import Targets, build_datasets, build_loaders, select_photos
+    from trainer.train.inputs import Targets, batch_finisher, build_datasets, build_loaders, select_photos
     from trainer.train.loop import DistillationStep, Progress
 
     if student is None:
@@ -102,7 +102,8 @@ def trainer_step(cfg: Config, accelerator, teacher: DepthAnythingTeacher, steps:
     train, _, _ = build_datasets(cfg, teacher, targets, photos)
     loader, _, _ = build_loaders(cfg, accelerator, Cycled(train, steps * cfg.train.batch_size), None, None)
     step = DistillationStep(cfg, accelerator, module, teacher, targets, optimizer, scheduler, progress,
-                            photos_per_step=cfg.train.batch_size)
+                            photos_per_step=cfg.train.batch_size,
+                            finish_batch=batch_finisher(train, accelerator.device))
     return step, iter(accelerator.prepare(loader)), type(train.dataset).__name__
 
 

@@ -9,15 +9,20 @@ size by default) in a temporary folder, which `trainer.prepare_shards` then writ
 rounds, interleaved, each pipeline is the trainer's own (`select_photos`, `build_datasets`,
 `build_loaders`, the real preset's augmentation), with the photos cycled to `--items` items:
 
-    folder                each worker reads the original file, decodes it (PIL, JPEG draft mode) and
-                          renders both views, normalised
+    folder                each worker reads the original file, decodes it (PIL: libjpeg-turbo at the
+                          DCT scale that keeps the views' resolution) and renders uint8 views; the
+                          device normalises them
     shards_cpu_decode     each worker reads the photo's bytes from its shard, decodes it and renders
                           uint8 views (data.decode_on=workers); the device normalises them
     shards_device_decode  each worker reads bytes only; the device decodes and renders the batch
                           (on the CPU this shows the reading cost alone)
 
-What the device does to a shard batch (`finish_batch`) is timed apart over the same batches, on
+What the device does to a batch (`finish_batch`) is timed apart over the same batches, on
 `--device`, as `device_photos_per_s`.
+
+`decoders`: one photo's decode and both training views, on one thread, in-process, interleaved:
+the folder pipeline's decode (PIL's libjpeg-turbo at the DCT scale that keeps the views'
+resolution) against torchvision.io's, the shards' decoder, which decodes JPEGs at full size only.
 
 Reported per pipeline: photos/s (steady state, after the first batch), per worker and per core
 (workers, or 1 without workers, at most the cores), the median of the rounds;
@@ -41,8 +46,11 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
 from bench.common import SAMPLES, Cycled, bench_config, format_table, machine, synchronize, write_json
 from core.cli import comma_choices
+from data import TrainTransform, UnlabeledImageDataset
 from trainer.prepare_shards import prepare_shards
 from trainer.train.inputs import Targets, build_datasets, build_loaders, batch_finisher, select_photos
 
@@ -119,6 +127,27 @@ def measure(cfg, items: int, device: torch.device) -> dict:
     return figures
 
 
+def time_decoders(folder: Path, teacher_size: int, student_size: int, rounds: int) -> dict:
+    """Milliseconds a photo, on one thread: each decoder, then both training views (`TrainTransform`)."""
+    photos = UnlabeledImageDataset(sorted(folder.glob("*.jpg")), TrainTransform(teacher_size, student_size))
+    decoders = {"folder_pipeline": photos.load,
+                "torchvision_io": lambda index: decode_jpeg(read_file(str(photos.paths[index])), mode=ImageReadMode.RGB,
+                                                            apply_exif_orientation=True)}
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            for name, decode in decoders.items():
+                start = time.perf_counter()
+                for index in range(len(photos)):
+                    photos.render(decode(index))
+                times[name].append((time.perf_counter() - start) / len(photos) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: {"ms_per_photo": statistics.median(values), "rounds": values} for name, values in times.items()}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -138,6 +167,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for _ in range(args.rounds):
             for name in args.pipelines:
                 rounds[name].append(measure(configs[name], args.items, device))
+        decoders = time_decoders(folder, args.teacher_size, args.student_size, args.rounds)
 
     per_unit = max(1, args.workers)
     pipelines = {}
@@ -161,6 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                 "mean_photo_kb": manifest["splits"]["train"]["bytes"]
                                 / max(1, manifest["splits"]["train"]["photos"]) / 1e3}},
         "pipelines": pipelines,
+        "decoders": decoders,
     }
     if "folder" in pipelines and "shards_cpu_decode" in pipelines:
         figures["shards_vs_folder_per_worker"] = (pipelines["shards_cpu_decode"]["photos_per_s_per_worker"]
@@ -204,6 +235,8 @@ def format_report(figures: dict) -> str:
     lines = [format_table(title, ["pipeline", "photos/s", "per worker", "per core", "device's share, photos/s"], rows)]
     if "shards_vs_folder_per_worker" in figures:
         lines.append(f"shards_vs_folder_per_worker: {figures['shards_vs_folder_per_worker']:.2f}x")
+    lines.append("a photo decoded and rendered, one thread: " + ", ".join(
+        f"{name} {d['ms_per_photo']:.1f} ms" for name, d in figures["decoders"].items()))
     for pipeline, ratios in figures.get("pipeline_vs_step", {}).items():
         lines.append(f"{pipeline} / step: " + ", ".join(f"{v} {r:.2f}x" for v, r in ratios.items()))
     return "\n".join(lines)

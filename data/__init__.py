@@ -2,7 +2,7 @@
 
 from .datasets import CROPS, LabeledDepthDataset, UnlabeledImageDataset
 from .images import (IMAGE_EXTENSIONS, ImageScan, describe_ignored, describe_unreadable, first_readable, list_images,
-                     load_rgb, no_images_message, scan_images, split_train_val)
+                     load_rgb, load_rgb_tensor, no_images_message, scan_images, split_train_val)
 from .teacher_cache import (CacheDirError, CachedTeacherDataset, StaleCacheError, TeacherCache,
                             train_val_paths)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, CropParams, EvalTransform, TrainTransform
@@ -27,6 +27,7 @@ __all__ = [
     "first_readable",
     "list_images",
     "load_rgb",
+    "load_rgb_tensor",
     "no_images_message",
     "scan_images",
     "split_train_val",

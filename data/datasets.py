@@ -13,16 +13,21 @@ from torch.utils.data import Dataset
 from core.choices import CROPS
 from core.errors import first_line
 
-from .images import describe_unreadable, list_images, load_rgb
-from .transforms import EvalTransform, TrainTransform
+from .images import describe_unreadable, list_images, load_rgb, load_rgb_tensor
+from .transforms import EvalTransform, TrainTransform, normalize_views
 
 DEPTH_EXTENSIONS = (".png", ".npy", ".npz")
 
 Transform = TrainTransform | EvalTransform
+VIEWS = ("student_image", "teacher_image")
 
 
 class UnlabeledImageDataset(Dataset):
     """Photos for distillation. Unreadable files give zero images with `valid=False`.
+
+    With a `TrainTransform`, photos decode to tensors and the views come out uint8, as from shards:
+    `finish_batch` normalises a batch of them on the device. With an `EvalTransform` (validation),
+    they come out normalised.
 
     Skipping inside the dataset would change its length mid-epoch; returning a masked sample
     keeps the default collate working and lets the trainer count and ignore bad files. Nothing is
@@ -64,6 +69,8 @@ class UnlabeledImageDataset(Dataset):
 
     def load(self, index: int):
         """Read what sample `index` needs; raises for anything unreadable."""
+        if isinstance(self.transform, TrainTransform):
+            return load_rgb_tensor(self.paths[index], self.max_side)
         return load_rgb(self.paths[index], self.max_side)
 
     def render(self, image) -> dict[str, torch.Tensor]:
@@ -74,6 +81,16 @@ class UnlabeledImageDataset(Dataset):
 
     def describe(self, index: int, error: Exception) -> str:
         return describe_unreadable(self.paths[index], error)
+
+    @property
+    def finishes_on_device(self) -> bool:
+        """Batches need `finish_batch` on the device: uint8 training views to normalise."""
+        return isinstance(self.transform, TrainTransform)
+
+    def finish_batch(self, batch: dict, device: torch.device) -> dict:
+        """A training batch from the workers -> the step's views on `device`, normalised."""
+        views = {name: batch[name].to(device, non_blocking=True) for name in VIEWS if name in batch}
+        return {**batch, **normalize_views(views)}
 
 
 class LabeledDepthDataset(Dataset):
@@ -228,7 +245,9 @@ def _by_stem(paths: list[Path], folder: Path) -> dict[str, Path]:
 
 
 def _blank_views(transform: Transform) -> dict[str, torch.Tensor]:
+    """Zeros in place of an unreadable photo's views: uint8 as a `TrainTransform` renders them."""
+    dtype = torch.uint8 if isinstance(transform, TrainTransform) else torch.float32
     return {
-        "teacher_image": torch.zeros(3, transform.teacher_size, transform.teacher_size),
-        "student_image": torch.zeros(3, transform.student_size, transform.student_size),
+        "teacher_image": torch.zeros(3, transform.teacher_size, transform.teacher_size, dtype=dtype),
+        "student_image": torch.zeros(3, transform.student_size, transform.student_size, dtype=dtype),
     }

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from core.errors import first_line
 
@@ -133,6 +135,23 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
 
     Raises whatever PIL raises for unreadable files; callers decide whether to skip them.
     """
+    image = _decode_rgb(path, max_side)
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return image
+
+
+def load_rgb_tensor(path: str | Path, max_side: int | None = None) -> torch.Tensor:
+    """Decode `path` as an upright uint8 (3, H, W) tensor, for the training views that torch renders
+    (`TrainTransform`). A JPEG decodes at the smallest of libjpeg's 1/1 to 1/8 DCT scales that keeps
+    both sides >= `max_side`; nothing is resized further, because the views resize straight from
+    their crop. (torchvision.io decodes JPEGs at full size only: for a 12 MP photo that decode alone
+    costs more than this whole function; bench/RESULTS.md has the figures.)"""
+    return pil_to_tensor(_decode_rgb(path, max_side))
+
+
+def _decode_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
+    """An upright RGB image; a JPEG at the DCT scale `load_rgb_tensor` describes, anything else whole."""
     with Image.open(path) as image:
         if max_side is not None and image.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays >= max_side on
@@ -141,10 +160,7 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
         # exif_transpose loads the pixels (so truncated files fail here, inside `with`) and returns
         # a copy, so nothing returned keeps the file open.
         image = ImageOps.exif_transpose(image)
-    image = _to_rgb(image)
-    if max_side is not None and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return image
+    return _to_rgb(image)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -244,8 +244,9 @@ class ShardPhotoDataset(UnlabeledImageDataset):
     """Photos from a shard folder, as `UnlabeledImageDataset` gives photos from a folder.
 
     `decode_on`:
-      "workers": each worker reads, decodes (torchvision's libjpeg-turbo) and renders both views
-                 with `TrainTransform.apply_tensor`, as uint8; `finish_batch` normalises them on the device.
+      "workers": each worker reads, decodes (torchvision's libjpeg-turbo: shards hold photos already
+                 at `max_side`, so no DCT scaling is lost) and renders both views with `TrainTransform`,
+                 as uint8; `finish_batch` normalises them on the device, as for a folder.
       "device":  workers only read bytes and draw the augmentation; `finish_batch` then decodes and
                  renders the batch where the step runs (GPU: nvJPEG and CUDA kernels), with the
                  same code and the same draws.
@@ -274,23 +275,15 @@ class ShardPhotoDataset(UnlabeledImageDataset):
             return self.transform(loaded)
         if self.decode_on == "device":  # drawn from the size the index records: nothing is decoded here
             data, width, height = loaded
-            params = self.transform.sample_params_for_size(width, height)
+            params = self.transform.sample_params(width, height)
             return {"jpeg": data, "params": (params, self.transform.sample_jitter())}
-        params = self.transform.sample_params_for_size(loaded.shape[-1], loaded.shape[-2])
-        # uint8 views: a quarter of the bytes through shared memory and to the device, normalised there.
-        return self.transform.apply_tensor(loaded, params, self.transform.sample_jitter(), normalize=False)
+        return self.transform(loaded)  # uint8 views, normalised on the device
 
     def blank_sample(self) -> dict:
-        if isinstance(self.transform, EvalTransform):
-            return _blank_views(self.transform)
-        if self.decode_on == "device":
+        if self.decode_on == "device" and isinstance(self.transform, TrainTransform):
             return {"jpeg": np.frombuffer(JPEG_START + JPEG_END, dtype=np.uint8),
                     "params": (CropParams(box=(0, 0, 1, 1), flip=False), None)}
-        return self.blank_sample_views()
-
-    def blank_sample_views(self) -> dict[str, torch.Tensor]:
-        """uint8 zeros in place of an unreadable photo's views, whichever side renders them."""
-        return {name: view.to(torch.uint8) for name, view in _blank_views(self.transform).items()}
+        return _blank_views(self.transform)
 
     def describe(self, index: int, error: Exception) -> str:
         if isinstance(error, OSError):  # a missing or short shard, a damaged JPEG: the error says which
@@ -308,26 +301,20 @@ class ShardPhotoDataset(UnlabeledImageDataset):
             return self.describe(index, error)
         return ""
 
-    @property
-    def finishes_on_device(self) -> bool:
-        """Batches need `finish_batch` on the device: encoded photos, or uint8 views to normalise."""
-        return isinstance(self.transform, TrainTransform)
-
     def finish_batch(self, batch: dict, device: torch.device) -> dict:
         """A batch from the workers -> the step's views on `device`: uint8 views normalised, or
         (decode_on=device, `collate_encoded`) encoded photos decoded and rendered there. A photo that
         does not decode there becomes zeros with valid=False, as in the workers."""
         if "jpeg" not in batch:
-            views = {name: batch[name].to(device, non_blocking=True) for name in ("student_image", "teacher_image")}
-            return {**batch, **normalize_views(views)}
+            return super().finish_batch(batch, device)
         encoded = [torch.from_numpy(np.array(data)) for data in batch.pop("jpeg")]
         params = batch.pop("params")
         try:
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad photo fails the batched call: decode them one by one
             images = [_decode_or_none(data, device) for data in encoded]
-        blank = normalize_views({name: view.to(device) for name, view in self.blank_sample_views().items()})
-        views = [self.transform.apply_tensor(image, crop, jitter) if image is not None else blank
+        blank = normalize_views({name: view.to(device) for name, view in _blank_views(self.transform).items()})
+        views = [self.transform.apply(image, crop, jitter, normalize=True) if image is not None else blank
                  for image, (crop, jitter) in zip(images, params)]
         stacked = {name: torch.stack([v[name] for v in views]) for name in blank}
         decoded = torch.tensor([image is not None for image in images], device=batch["valid"].device)

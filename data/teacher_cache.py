@@ -30,7 +30,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
@@ -38,12 +37,14 @@ from torch.utils.data import Dataset
 from core.errors import RunError, first_line
 
 from .datasets import UnlabeledImageDataset, _blank_views, _decode_max_side
-from .images import describe_unreadable, list_images, load_rgb, split_train_val
+from .images import describe_unreadable, list_images, load_rgb_tensor, split_train_val
 from core.choices import TEACHER_MULTIPLE
 
-from .transforms import EvalTransform, TrainTransform
+from .transforms import CropParams, TrainTransform, normalize, render_view
 
-CACHE_VERSION = 1
+# 2: maps of the teacher view as torch renders it for training (`load_rgb_tensor`, `render_view`);
+# version 1's came from PIL's rendering, a little off the views training now crops.
+CACHE_VERSION = 2
 META_FILE, INDEX_FILE = "meta.json", "index.json"
 SHARD_NAME = re.compile(r"shard_r\d+_\d+\.safetensors")
 TMP_PREFIX = ".tmp_"  # a file being written; renamed to its real name once complete
@@ -81,10 +82,11 @@ def train_val_paths(
     return split_train_val(train_paths, val_fraction, seed)
 
 
-def read_photo(path: Path, max_side: int) -> tuple[str, Image.Image]:
-    """-> (content hash, decoded image), from one read of the file. Raises for unreadable files."""
+def read_photo(path: Path, max_side: int) -> tuple[str, torch.Tensor]:
+    """-> (content hash, the photo as the training datasets decode it: `load_rgb_tensor`), from one
+    read of the file. Raises for unreadable files."""
     data = Path(path).read_bytes()
-    return content_hash(data), load_rgb(io.BytesIO(data), max_side)
+    return content_hash(data), load_rgb_tensor(io.BytesIO(data), max_side)
 
 
 def content_hash(data: bytes) -> str:
@@ -101,27 +103,28 @@ class CacheSourceDataset(Dataset):
     exactly the teacher view `TrainTransform` renders for a crop covering the whole photo."""
 
     def __init__(self, paths: Sequence[Path], train_dir: str | Path, cache_size: int, student_size: int):
-        self.paths, self.train_dir = list(paths), Path(train_dir)
-        self.transform = EvalTransform(cache_size, student_size)
-        self.max_side = _decode_max_side(self.transform)  # the training datasets' decode size
+        self.paths, self.train_dir, self.cache_size = list(paths), Path(train_dir), cache_size
+        self.max_side = _decode_max_side(TrainTransform(cache_size, student_size))  # the training datasets' decode size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        size = self.transform.teacher_size
+        size = self.cache_size
         sample = {"key": relative_key(path, self.train_dir), "hash": "", "height": 0, "width": 0, "reason": ""}
         try:
             data = path.read_bytes()
             sample["hash"] = content_hash(data)
-            image = load_rgb(io.BytesIO(data), self.max_side)
+            image = load_rgb_tensor(io.BytesIO(data), self.max_side)
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             # Not logged here (a worker process): the writer's loop logs `reason`, once per photo.
             sample["reason"] = describe_unreadable(path, error)
             return {**sample, "image": torch.zeros(3, size, size), "valid": torch.tensor(False)}
-        return {**sample, "height": image.height, "width": image.width,
-                "image": self.transform(image)["teacher_image"], "valid": torch.tensor(True)}
+        height, width = image.shape[-2:]
+        whole = CropParams(box=(0, 0, width, height), flip=False)
+        return {**sample, "height": height, "width": width,
+                "image": normalize(render_view(image, size, whole)), "valid": torch.tensor(True)}
 
 
 class ShardWriter:
@@ -350,8 +353,8 @@ class CachedTeacherDataset(UnlabeledImageDataset):
     """Like `UnlabeledImageDataset`, with the teacher's disparity read from a cache instead of
     computed: one crop + flip is drawn and applied to the photo and to the cached map alike.
 
-    Returns {"student_image": (3, s, s), "teacher_disparity": (1, s, s) float32, "valid", "index"},
-    plus "teacher_image": (3, t, t) when `with_teacher_image` (feature terms still need the live
+    Returns {"student_image": (3, s, s) uint8, "teacher_disparity": (1, s, s) float32, "valid", "index"},
+    plus "teacher_image": (3, t, t) uint8 when `with_teacher_image` (feature terms still need the live
     teacher). Unreadable files, photos changed since caching and damaged maps give zeros with
     valid=False (raising would stop one process's loader while the others wait for it in a
     collective) and log nothing, as in `UnlabeledImageDataset`; `unreadable_reason(index)` says why.
@@ -363,7 +366,7 @@ class CachedTeacherDataset(UnlabeledImageDataset):
         self.cache, self.with_teacher_image, self.with_features = cache, with_teacher_image, with_features
         self.feature_grid = transform.teacher_size // TEACHER_MULTIPLE  # the live teacher's grid on a crop
 
-    def load(self, index: int) -> tuple[Image.Image, torch.Tensor, Optional[torch.Tensor]]:
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         path = self.paths[index]
         photo_hash, image = read_photo(path, self.max_side)
         try:
@@ -376,12 +379,14 @@ class CachedTeacherDataset(UnlabeledImageDataset):
             raise CacheReadError(f"its teacher map in {self.cache.cache_dir} cannot be read "
                                  f"({first_line(error)})") from None
 
-    def render(self, loaded: tuple[Image.Image, torch.Tensor, Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def render(self, loaded: tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
         image, cached, features = loaded
-        params = self.transform.sample_params(image)
-        views = self.transform.apply(image, params, teacher_view=self.with_teacher_image)
+        height, width = image.shape[-2:]
+        params = self.transform.sample_params(width, height)  # the draws, in the order TrainTransform makes them
+        jitter = self.transform.sample_jitter()
+        views = self.transform.apply(image, params, jitter, teacher_view=self.with_teacher_image)
         left, upper, right, lower = params.box
-        fractions = (left / image.width, upper / image.height, right / image.width, lower / image.height)
+        fractions = (left / width, upper / height, right / width, lower / height)
         sample = {**views, "teacher_disparity": crop_map(cached, fractions, self.transform.student_size, params.flip)}
         if features is not None:
             # The same crop and flip on the teacher's patch grid, resampled to the grid the live

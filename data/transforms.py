@@ -16,7 +16,7 @@ from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 class CropParams(NamedTuple):
     """One draw of the geometric augmentation, shared by both views."""
 
-    box: tuple[int, int, int, int]  # (left, upper, right, lower) in source pixels, PIL's order
+    box: tuple[int, int, int, int]  # (left, upper, right, lower) in source pixels
     flip: bool
 
 
@@ -27,6 +27,11 @@ class TrainTransform:
     distillation losses; only the student gets photometric noise, so it learns to match the
     teacher's clean prediction. Randomness comes from torch's global RNG, which the DataLoader
     seeds per worker.
+
+    Works on decoded uint8 (3, H, W) tensors on any device (a folder's photos, shards, a batch
+    decoded on the GPU: one rendering for every training pipeline) with torch's antialiased
+    bilinear resize (PIL's filter), and gives uint8 views unless asked to normalise: a quarter of
+    the bytes through the loader's shared memory and to the device, where `normalize_views` finishes them.
     """
 
     def __init__(
@@ -50,10 +55,9 @@ class TrainTransform:
             else None
         )
 
-    def sample_params(self, image: Image.Image) -> CropParams:
-        return self.sample_params_for_size(image.width, image.height)
-
-    def sample_params_for_size(self, width: int, height: int) -> CropParams:
+    def sample_params(self, width: int, height: int) -> CropParams:
+        """One crop + flip for a photo of this size (only the size is read, so a device-side
+        decode can draw it from an index before any pixel exists)."""
         # get_params reads only the image's size: a zero-stride tensor of that shape allocates nothing.
         like = torch.empty(()).expand(1, height, width)
         top, left, crop_height, crop_width = RandomResizedCrop.get_params(like, list(self.scale), list(self.ratio))
@@ -61,36 +65,26 @@ class TrainTransform:
         return CropParams(box=(left, top, left + crop_width, top + crop_height), flip=flip)
 
     def sample_jitter(self) -> Optional[dict]:
-        """One draw of the student's colour jitter (ColorJitter's own parameters), or None. Drawn
-        right after the crop, as the PIL path's jitter draws, so both paths consume the RNG alike."""
+        """One draw of the student's colour jitter (ColorJitter's own parameters), or None; drawn
+        right after the crop."""
         return None if self.color_jitter is None else self.color_jitter.make_params([])
 
-    def apply_tensor(self, image: torch.Tensor, params: CropParams, jitter: Optional[dict],
-                     normalize: bool = True) -> dict[str, torch.Tensor]:
-        """`apply` for a decoded uint8 (3, H, W) tensor on any device: the same crop, flip and jitter,
-        rendered with torch's antialiased bilinear resize (PIL's filter). `normalize=False` keeps
-        the views uint8 (a quarter of the bytes to move); `normalize_views` finishes them."""
-        left, upper, right, lower = params.box
-        crop = image[:, upper:lower, left:right]
-        student_view = _resize_tensor(crop, self.student_size, params.flip)
+    def apply(self, image: torch.Tensor, params: CropParams, jitter: Optional[dict], normalize: bool = False,
+              teacher_view: bool = True) -> dict[str, torch.Tensor]:
+        """Both views of `image` for these draws, or only the student's when the teacher's output
+        comes from a cache (rendering the large teacher view would cost as much as the rest)."""
+        student_view = render_view(image, self.student_size, params)
         if jitter is not None:
             student_view = self.color_jitter.transform(student_view, jitter)
-        views = {"student_image": student_view, "teacher_image": _resize_tensor(crop, self.teacher_size, params.flip)}
+        views = {"student_image": student_view}
+        if teacher_view:
+            views["teacher_image"] = render_view(image, self.teacher_size, params)
         return normalize_views(views) if normalize else views
 
-    def apply(self, image: Image.Image, params: CropParams, teacher_view: bool = True) -> dict[str, torch.Tensor]:
-        """Both views, or only the student's when the teacher's output comes from a cache
-        (rendering the large teacher view would cost as much as the rest of the sample)."""
-        student_view = _render_view(image, self.student_size, params)
-        if self.color_jitter is not None:
-            student_view = self.color_jitter(student_view)
-        views = {"student_image": _normalize(student_view)}
-        if teacher_view:
-            views["teacher_image"] = _normalize(_render_view(image, self.teacher_size, params))
-        return views
-
-    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        return self.apply(image, self.sample_params(image))
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fresh draws, uint8 views."""
+        params = self.sample_params(image.shape[-1], image.shape[-2])
+        return self.apply(image, params, self.sample_jitter())
 
 
 class EvalTransform:
@@ -106,10 +100,10 @@ class EvalTransform:
         self.student_size = student_size
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        whole = CropParams(box=(0, 0, image.width, image.height), flip=False)
+        # PIL widens the bilinear filter when shrinking, so this is antialiased.
         return {
-            "teacher_image": _normalize(_render_view(image, self.teacher_size, whole)),
-            "student_image": _normalize(_render_view(image, self.student_size, whole)),
+            "teacher_image": _normalize(image.resize((self.teacher_size,) * 2, Image.Resampling.BILINEAR)),
+            "student_image": _normalize(image.resize((self.student_size,) * 2, Image.Resampling.BILINEAR)),
         }
 
 
@@ -118,24 +112,23 @@ def check_input_sizes(teacher_size: int, student_size: int) -> None:
     check_multiple("student_size", student_size, STUDENT_MULTIPLE)
 
 
-def _render_view(image: Image.Image, size: int, params: CropParams) -> Image.Image:
-    # resize(box=...) crops and resizes in one pass, without copying the crop; PIL widens the
-    # bilinear filter when shrinking, so this is antialiased.
-    view = image.resize((size, size), Image.Resampling.BILINEAR, box=params.box)
-    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else view
-
-
-def _resize_tensor(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
-    view = F.resize(crop, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return view.flip(-1) if flip else view
+def render_view(image: torch.Tensor, size: int, params: CropParams) -> torch.Tensor:
+    """The (3, size, size) view of the region `params.box` of a (3, H, W) tensor, mirrored if `params.flip`."""
+    left, upper, right, lower = params.box
+    view = F.resize(image[:, upper:lower, left:right], [size, size], interpolation=v2.InterpolationMode.BILINEAR,
+                    antialias=True)
+    return view.flip(-1) if params.flip else view
 
 
 def normalize_views(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """uint8 views (one image or a batch) -> float32 in [0, 1], then ImageNet-normalised."""
-    return {name: F.normalize(F.to_dtype(view, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
-            for name, view in views.items()}
+    """uint8 views (one image or a batch each) -> `normalize`d."""
+    return {name: normalize(view) for name, view in views.items()}
+
+
+def normalize(view: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [0, 1], then ImageNet-normalised."""
+    return F.normalize(F.to_dtype(view, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def _normalize(image: Image.Image) -> torch.Tensor:
-    tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)  # (3, H, W) in [0, 1]
-    return F.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    return normalize(F.pil_to_tensor(image))

@@ -27,6 +27,7 @@ from data import (
     first_readable,
     list_images,
     load_rgb,
+    load_rgb_tensor,
     scan_images,
     split_train_val,
 )
@@ -50,6 +51,11 @@ def _png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as the training datasets hand it to TrainTransform: uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def _unnormalize(tensor: torch.Tensor) -> torch.Tensor:
@@ -197,6 +203,22 @@ def test_load_rgb_max_side(image_zoo):
     assert load_rgb(good["seven_by_three.png"], max_side=2).size == (2, 1)
 
 
+def test_training_decode_is_load_rgb_as_uint8_tensor_and_scales_jpegs_in_the_dct(image_zoo):
+    """The training datasets' decode (`load_rgb_tensor`) gives load_rgb's upright RGB pixels for
+    every awkward kind (EXIF rotation, CMYK, 16-bit, palette, gray); a large JPEG decodes at the
+    smallest DCT scale that keeps both sides >= max_side (4000x3000 at 1/4, since 1/8 is 500 < 512),
+    not resized further."""
+    _, good, _ = image_zoo
+    for name, path in good.items():
+        if name != "large.jpg":
+            decoded = load_rgb_tensor(path)
+            assert decoded.dtype == torch.uint8, name
+            assert torch.equal(decoded, _tensor(load_rgb(path))), name
+    large = load_rgb_tensor(good["large.jpg"], max_side=512)
+    assert large.shape == (3, 750, 1000)
+    assert (large.float().mean((1, 2)) - torch.tensor([90.0, 120.0, 150.0])).abs().max() < 3
+
+
 BAD_FILE_REASONS = {
     "corrupt.jpg": "not an image (unknown format, first bytes ff e4 22 79)",
     "truncated.jpg": "truncated JPEG",
@@ -232,6 +254,12 @@ def test_dataset_marks_unreadable_files_invalid_logs_nothing_and_says_why(image_
     batch = next(iter(DataLoader(dataset, batch_size=len(dataset))))
     assert batch["valid"].dtype == torch.bool
     assert int((~batch["valid"]).sum()) == len(bad)
+    # uint8 views from the workers, as from shards; the step's device normalises them.
+    assert batch["student_image"].dtype == torch.uint8 and dataset.finishes_on_device
+    finished = dataset.finish_batch(batch, torch.device("cpu"))
+    large = [i for i, index in enumerate(batch["index"]) if dataset.paths[index].name == "large.jpg"][0]
+    colour = _unnormalize(finished["teacher_image"][large]).mean((1, 2)) * 255  # the student's is jittered
+    assert (colour - torch.tensor([90.0, 120.0, 150.0])).abs().max() < 3  # the large photo's one colour
 
 
 def test_describe_unreadable_names_the_problem(tmp_path):
@@ -379,16 +407,22 @@ def test_transform_size_validation(make):
 
 @pytest.mark.parametrize("size", [(1, 1), (7, 3), (300, 200)])
 def test_transform_output_shapes(size):
+    """Training views are uint8 from a uint8 tensor (normalised on the device); evaluation's are
+    normalised float32 from a PIL image."""
     image = Image.new("RGB", size, (120, 60, 30))
-    for transform in (TrainTransform(TEACHER, STUDENT), EvalTransform(TEACHER, STUDENT)):
-        out = transform(image)
+    for transform, source, dtype in ((TrainTransform(TEACHER, STUDENT), _tensor(image), torch.uint8),
+                                     (EvalTransform(TEACHER, STUDENT), image, torch.float32)):
+        out = transform(source)
         assert set(out) == {"teacher_image", "student_image"}
         assert out["teacher_image"].shape == (3, TEACHER, TEACHER)
         assert out["student_image"].shape == (3, STUDENT, STUDENT)
-        assert out["teacher_image"].dtype == out["student_image"].dtype == torch.float32
+        assert out["teacher_image"].dtype == out["student_image"].dtype == dtype
 
 
-def test_train_views_stay_aligned_under_crop_and_flip():
+def test_train_views_stay_aligned_under_crop_and_flip_and_match_pils_rendering():
+    """Teacher and student views show the marker at the same place under every crop and flip, and
+    torch's antialiased resize renders what PIL's bilinear resize of the same box renders (the
+    filter evaluation uses), up to rounding."""
     # A white square on black, left of centre so flips move it; the centre of the image lies in
     # every crop of area >= 0.5, so the marker is always at least partly visible.
     image = Image.new("RGB", (320, 240), (0, 0, 0))
@@ -397,14 +431,20 @@ def test_train_views_stay_aligned_under_crop_and_flip():
     flips = set()
     for seed in range(12):
         torch.manual_seed(seed)
-        params = transform.sample_params(image)
-        out = transform.apply(image, params)
+        params = transform.sample_params(*image.size)
+        out = transform.apply(_tensor(image), params, None, normalize=True)
         flips.add(params.flip)
         teacher_xy = _centroid(out["teacher_image"])
         student_xy = _centroid(out["student_image"])
         assert torch.allclose(teacher_xy, student_xy, atol=1 / STUDENT), seed
         torch.manual_seed(seed)
-        assert torch.equal(transform(image)["student_image"], out["student_image"])  # same draw
+        assert torch.equal(transform(_tensor(image))["student_image"],
+                           transform.apply(_tensor(image), params, None)["student_image"])  # same draw
+        for name, size in (("teacher_image", TEACHER), ("student_image", STUDENT)):
+            pil = image.resize((size, size), Image.Resampling.BILINEAR, box=params.box)
+            pil = _tensor(pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else pil)
+            levels = (_unnormalize(out[name]) * 255 - pil).abs()
+            assert levels.mean() < 0.5 and levels.max() <= 12, (seed, name)
     assert flips == {True, False}
 
 
@@ -414,13 +454,13 @@ def test_train_views_land_where_the_crop_says():
     transform = TrainTransform(TEACHER, STUDENT, color_jitter=0)
     for seed in range(6):
         torch.manual_seed(seed)
-        params = transform.sample_params(image)
+        params = transform.sample_params(*image.size)
         left, upper, right, lower = params.box
         expected_x = (160 - left) / (right - left)
         expected_y = (120 - upper) / (lower - upper)
         if params.flip:
             expected_x = 1 - expected_x
-        student_xy = _centroid(transform.apply(image, params)["student_image"])
+        student_xy = _centroid(transform.apply(_tensor(image), params, None, normalize=True)["student_image"])
         assert torch.allclose(student_xy, torch.tensor([expected_x, expected_y]), atol=1 / STUDENT)
 
 
@@ -429,9 +469,9 @@ def test_color_jitter_touches_only_the_student():
     plain = TrainTransform(TEACHER, STUDENT, color_jitter=0)
     jittered = TrainTransform(TEACHER, STUDENT, color_jitter=0.5)
     torch.manual_seed(3)
-    params = plain.sample_params(image)
-    reference = plain.apply(image, params)
-    out = jittered.apply(image, params)
+    params = plain.sample_params(*image.size)
+    reference = plain.apply(_tensor(image), params, plain.sample_jitter())
+    out = jittered.apply(_tensor(image), params, jittered.sample_jitter())
     assert torch.equal(out["teacher_image"], reference["teacher_image"])
     assert not torch.equal(out["student_image"], reference["student_image"])
 

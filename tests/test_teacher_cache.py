@@ -15,9 +15,10 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import DepthAnythingForDepthEstimation
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, CacheDirError, CachedTeacherDataset, CropParams, StaleCacheError,
+from data import (CacheDirError, CachedTeacherDataset, CropParams, StaleCacheError,
                   TeacherCache, TrainTransform, UnlabeledImageDataset, train_val_paths)
 from data.teacher_cache import ShardWriter, check_cache_dir, clear_cache, content_hash, crop_map, write_index
+from data.transforms import normalize
 from modeling import DepthAnythingTeacher
 from modeling.teacher import tiny_config
 from tests.launching import launch_env
@@ -77,7 +78,7 @@ def test_cache_holds_fp16_shards_index_and_meta(built, tiny_teacher):
     assert summary["num_images"] == 3 and summary["num_skipped"] == 0
     meta = json.loads((cache_dir / "meta.json").read_text())
     # The demo recipe has a feature term, so the teacher's features are stored beside its depth.
-    assert meta == {"version": 1, "teacher": "tiny", "teacher_config_hash": teacher_config_hash(tiny_teacher),
+    assert meta == {"version": 2, "teacher": "tiny", "teacher_config_hash": teacher_config_hash(tiny_teacher),
                     "cache_size": TEACHER, "train_dir": str(cfg.data.train_dir), "num_images": 3, "num_skipped": 0,
                     "feature_layers": tiny_teacher.feature_layers,
                     "feature_channels": tiny_teacher.feature_channels[0]}
@@ -140,7 +141,7 @@ def test_cached_target_equals_live_teacher_without_augmentation(built, tiny_teac
     for index in range(len(paths)):
         sample = dataset[index]
         assert sample["valid"] and sample["teacher_disparity"].dtype == torch.float32
-        live = tiny_teacher(sample["teacher_image"][None], output_size=(STUDENT, STUDENT)).disparity[0]
+        live = tiny_teacher(normalize(sample["teacher_image"][None]), output_size=(STUDENT, STUDENT)).disparity[0]
         target = sample["teacher_disparity"]
         assert target.shape == (1, STUDENT, STUDENT)
         torch.testing.assert_close(target, live, atol=FP16_ATOL, rtol=0)
@@ -168,7 +169,7 @@ def test_stored_features_equal_the_live_teachers_and_follow_the_flip(built, tiny
     flipped = CachedTeacherDataset(paths, _plain(hflip_prob=1.0), cache, with_teacher_image=False, with_features=True)
     for index in range(len(paths)):
         sample = plain[index]
-        live = torch.stack(tiny_teacher(sample["teacher_image"][None]).features, 1)[0]  # (layers, C, 3, 3)
+        live = torch.stack(tiny_teacher(normalize(sample["teacher_image"][None])).features, 1)[0]  # (layers, C, 3, 3)
         stored = sample["teacher_features"]
         assert stored.dtype == torch.float16 and stored.shape == live.shape
         torch.testing.assert_close(stored.float(), live, atol=2e-3 * live.abs().max().item(), rtol=1e-3)
@@ -220,7 +221,7 @@ def test_crop_and_flip_place_the_map_under_the_photo(tmp_path, axis):
     cache = TeacherCache.open(tmp_path, "fake", "h", TEACHER, [photo], tmp_path)
     size = 64
     transform = TrainTransform(TEACHER, size, color_jitter=0.0)
-    transform.sample_params = lambda image: CropParams(box=box, flip=True)
+    transform.sample_params = lambda width, height: CropParams(box=box, flip=True)
     sample = CachedTeacherDataset([photo], transform, cache, with_teacher_image=False)[0]
 
     steps = (torch.arange(size) + 0.5) / size
@@ -230,8 +231,7 @@ def test_crop_and_flip_place_the_map_under_the_photo(tmp_path, axis):
         expected = ((box[1] + (box[3] - box[1]) * steps) / height)[None, :, None].expand(1, size, size)
     torch.testing.assert_close(sample["teacher_disparity"], expected, atol=1e-3, rtol=0)  # fp16 ramp
 
-    brightness = (sample["student_image"] * torch.tensor(IMAGENET_STD)[:, None, None]
-                  + torch.tensor(IMAGENET_MEAN)[:, None, None]).mean(0).clamp(min=0)  # (size, size)
+    brightness = sample["student_image"].float().mean(0)  # (size, size), uint8 levels
     row = int((brightness.sum(1) * torch.arange(size)).sum() / brightness.sum())
     col = int((brightness.sum(0) * torch.arange(size)).sum() / brightness.sum())
     truth = sum(marker_x) / 2 / width if axis == "x" else sum(marker_y) / 2 / height
