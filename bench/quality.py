@@ -32,6 +32,11 @@ between the student's view and its targets makes the control as good as it, and 
 Beating the layout prior is the full run's job. `--ablations` adds one row per change from the
 default recipe.
 
+A rerun with the same --work (after a crash, or with --ablations after the headline run) reuses
+each student an earlier run finished with the same command, training code (the files under core/,
+data/, losses/, modeling/ and trainer/) and teacher weights, and trains the others. Rows that need
+a GPU (`StudentRow.needs_gpu`) are left out, with one line, where none is.
+
 Exit codes: 0 the report was written, 1 a mistake (one `error:` line) or a failed training run,
 2 (--tiny) the report was written but the distilled student does not lead the student before
 training and the negative control by `MIN_LEAD` (an `error:` line for each shortfall).
@@ -40,6 +45,7 @@ training and the negative control by `MIN_LEAD` (an `error:` line for each short
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -129,6 +135,7 @@ class StudentRow:
     targets: str = "teacher"  # teacher (live) | cache | flipped | ground_truth | random_teacher | untrained
     overrides: tuple[str, ...] = ()
     note: str = ""
+    needs_gpu: bool = False  # too slow for the 15 minutes a row may take on 2 CPU cores
 
 
 DEFAULT = StudentRow("student (default recipe)", note="distilled from the live teacher")
@@ -154,7 +161,8 @@ ABLATION_ROWS = (
     StudentRow("cached teacher", "cache"),
     StudentRow("DPT decoder", overrides=("student.decoder=dpt",)),
     StudentRow("MobileNetV4-Conv-Small", overrides=("student.backbone=mobilenetv4_conv_small",)),
-    StudentRow("student input 384", overrides=("data.student_size=384",)),
+    StudentRow("student input 384", overrides=("data.student_size=384",), needs_gpu=True,
+               note="9x the pixels of a 128 px row: hours on 2 CPU cores"),
 )
 
 
@@ -268,10 +276,43 @@ class Training:
     command: list[str]
     log: Path
     student: Path  # the folder it writes
+    provenance: dict  # what made the student: the command, the code, the teacher's weights
+
+    @property
+    def record(self) -> Path:
+        """Written beside the student once its run has finished (trainer/main.py's --overwrite
+        deletes it when a new run of the row starts, so a killed run leaves none)."""
+        return self.student.parent / ROW_RECORD
+
+    def finished_before(self) -> bool:
+        """Whether an earlier quality run already trained this student with the same command, code
+        and teacher: a rerun after a crash, or --ablations after the headline run, reuses it."""
+        try:
+            return self.student.is_dir() and json.loads(self.record.read_text()) == self.provenance
+        except (OSError, ValueError):
+            return False
+
+
+ROW_RECORD = "quality_row.json"
+# The code a student's numbers depend on: what trains it (the packages under the trainer, its presets).
+TRAINING_CODE = ("core", "data", "losses", "modeling", "trainer")
+
+
+def fingerprint(root: Path, paths: Iterable[Path]) -> str:
+    """sha256 over the files' paths below `root` and their bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def training_code(root: Path = REPO) -> str:
+    return fingerprint(root, (path for package in TRAINING_CODE for path in (root / package).rglob("*")
+                              if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts))
 
 
 def prepare_student(row: StudentRow, slug: str, work: Path, worlds: dict[str, Path], scale: Scale,
-                    teacher: Path, caches: dict[str, Path], seed: int) -> Training | Path:
+                    teacher: Path, caches: dict[str, Path], seed: int, code: str) -> Training | Path:
     """One row's training run, or for the student before training its folder, written here."""
     overrides = common_overrides(worlds, scale, teacher, seed)
     if row.targets == "untrained":  # the student the trainer starts from: built as it builds it, from its seed
@@ -298,7 +339,9 @@ def prepare_student(row: StudentRow, slug: str, work: Path, worlds: dict[str, Pa
     run_dir = work / "runs" / slug
     command = [sys.executable, "trainer/main.py", "--config", str(PRESET), "--overwrite", f"output_dir={run_dir}",
                *overrides, *row.overrides]
-    return Training(row, command, work / f"{slug}.log", run_dir / "student_last")
+    provenance = {"command": command[1:], "training_code": code,
+                  "teacher": fingerprint(teacher, teacher.glob("*.safetensors"))}
+    return Training(row, command, work / f"{slug}.log", run_dir / "student_last", provenance)
 
 
 def train_students(trainings: list[Training], jobs: int, threads: Optional[int]) -> None:
@@ -306,8 +349,13 @@ def train_students(trainings: list[Training], jobs: int, threads: Optional[int])
     env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
     def train(training: Training) -> None:
+        if training.finished_before():
+            print(f"reused '{training.row.name}': {training.student.parent} holds its student, trained by an "
+                  f"earlier run of the same command on the same code and teacher", flush=True)
+            return
         started = time.perf_counter()
         _run(f"training '{training.row.name}'", training.command, training.log, env)
+        training.record.write_text(json.dumps(training.provenance, indent=1) + "\n")
         print(f"trained '{training.row.name}' in {time.perf_counter() - started:.0f} s", flush=True)
 
     with ThreadPoolExecutor(jobs) as pool:
@@ -436,10 +484,14 @@ def run(args: argparse.Namespace) -> dict:
     except WorldError as error:
         raise RunError(str(error)) from None
     rows = list(TINY_ROWS if args.tiny else HEADLINE_ROWS) + (list(ABLATION_ROWS) if args.ablations else [])
-    students, caches, trainings = {}, {}, []
+    if not torch.cuda.is_available():
+        for row in [row for row in rows if row.needs_gpu]:
+            print(f"left out '{row.name}': it needs a GPU ({row.note})", flush=True)
+            rows.remove(row)
+    students, caches, trainings, code = {}, {}, [], training_code()
     for row in rows:
         slug = "".join(c if c.isalnum() else "_" for c in row.name.lower()).strip("_")
-        prepared = prepare_student(row, slug, work, worlds, scale, teacher_dir, caches, args.seed)
+        prepared = prepare_student(row, slug, work, worlds, scale, teacher_dir, caches, args.seed, code)
         if isinstance(prepared, Training):
             trainings.append(prepared)
         students[row.name] = prepared.student if isinstance(prepared, Training) else prepared

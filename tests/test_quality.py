@@ -1,6 +1,7 @@
 """bench.quality: the headline ratio, the picture's single colour scale, the --tiny verdict, and the
 --tiny run itself (distillation must beat a misaligned control)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -48,6 +49,46 @@ def test_distillation_check_names_each_shortfall():
     failures = quality.distillation_failures(rows(student, dict(student)))
     assert [failure.split(":")[0] for failure in failures] == ["gt_abs_rel", "teacher_delta1"]
     assert all(quality.TINY_CONTROL.name in failure for failure in failures)
+
+
+def test_a_finished_student_is_reused_only_for_the_same_command_code_and_teacher(tmp_path, monkeypatch):
+    """A rerun (after a crash, or --ablations after the headline run) skips the students an earlier
+    run finished with the same command, training code and teacher; a killed run's student is trained anew."""
+    student = tmp_path / "runs" / "row" / "student_last"
+    training = quality.Training(quality.DEFAULT, ["python", "trainer/main.py", "a=1"], tmp_path / "row.log", student,
+                                {"command": ["trainer/main.py", "a=1"], "training_code": "c1", "teacher": "t1"})
+    launched = []
+
+    def launch(command, log, env):
+        launched.append(command)
+        student.mkdir(parents=True, exist_ok=True)
+        log.write_text("error: out of memory\n" if len(launched) == 1 else "")
+        return 0 if len(launched) > 1 else 1  # the first run fails: no record
+
+    monkeypatch.setattr(quality, "launch", launch)
+    failed = r"training 'student \(default recipe\)' failed \(exit 1\): error: out of memory"
+    with pytest.raises(quality.RunError, match=failed):
+        quality.train_students([training], jobs=1, threads=None)
+    assert student.is_dir() and not training.finished_before()  # what a killed or failed run leaves
+    quality.train_students([training], jobs=1, threads=None)
+    assert len(launched) == 2 and json.loads(training.record.read_text()) == training.provenance
+    quality.train_students([training], jobs=1, threads=None)
+    assert len(launched) == 2  # reused
+    for key, other in (("command", ["trainer/main.py", "a=2"]), ("training_code", "c2"), ("teacher", "t2")):
+        assert not dataclasses.replace(training, provenance={**training.provenance, key: other}).finished_before()
+
+
+def test_the_training_code_fingerprint_follows_the_code_and_nothing_else(tmp_path):
+    for package in quality.TRAINING_CODE:
+        (tmp_path / package).mkdir()
+    (tmp_path / "data" / "datasets.py").write_text("x = 1\n")
+    (tmp_path / "trainer" / "world.yaml").write_text("a: 1\n")
+    before = quality.training_code(tmp_path)
+    (tmp_path / "trainer" / "notes.md").write_text("docs\n")
+    (tmp_path / "README.md").write_text("docs\n")
+    assert quality.training_code(tmp_path) == before
+    (tmp_path / "trainer" / "world.yaml").write_text("a: 2\n")
+    assert quality.training_code(tmp_path) != before
 
 
 def _warm_launch(command: list[str], log, env) -> int:
