@@ -323,9 +323,9 @@ def prepare_student(row: StudentRow, slug: str, work: Path, worlds: dict[str, Pa
             raise RunError(f"could not write {folder}")
         return folder
     if row.targets == "random_teacher":
-        random_teacher = work / "random_teacher"
-        build_model(Recipe(seed=seed)).save_pretrained(random_teacher)
-        overrides.append(f"teacher.name={random_teacher}")
+        teacher = work / "random_teacher"
+        build_model(Recipe(seed=seed)).save_pretrained(teacher)
+        overrides.append(f"teacher.name={teacher}")
     elif row.targets in ("cache", "flipped", "ground_truth"):
         if "teacher" not in caches:
             caches["teacher"] = build_cache(work, overrides)
