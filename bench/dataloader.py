@@ -45,7 +45,6 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from PIL import Image
-
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from bench.common import SAMPLES, Cycled, bench_config, format_table, machine, synchronize, write_json

@@ -275,8 +275,7 @@ class ShardPhotoDataset(UnlabeledImageDataset):
             return self.transform(loaded)
         if self.decode_on == "device":  # drawn from the size the index records: nothing is decoded here
             data, width, height = loaded
-            params = self.transform.sample_params(width, height)
-            return {"jpeg": data, "params": (params, self.transform.sample_jitter())}
+            return {"jpeg": data, "params": self.transform.draw(width, height)}
         return self.transform(loaded)  # uint8 views, normalised on the device
 
     def blank_sample(self) -> dict:

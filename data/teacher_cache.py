@@ -382,8 +382,7 @@ class CachedTeacherDataset(UnlabeledImageDataset):
     def render(self, loaded: tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
         image, cached, features = loaded
         height, width = image.shape[-2:]
-        params = self.transform.sample_params(width, height)  # the draws, in the order TrainTransform makes them
-        jitter = self.transform.sample_jitter()
+        params, jitter = self.transform.draw(width, height)
         views = self.transform.apply(image, params, jitter, teacher_view=self.with_teacher_image)
         left, upper, right, lower = params.box
         fractions = (left / width, upper / height, right / width, lower / height)

@@ -81,10 +81,14 @@ class TrainTransform:
             views["teacher_image"] = render_view(image, self.teacher_size, params)
         return normalize_views(views) if normalize else views
 
+    def draw(self, width: int, height: int) -> tuple[CropParams, Optional[dict]]:
+        """One sample's draws, crop then jitter: every pipeline draws them in this order, so the same
+        seed gives the same views whichever renders them (workers, device, the teacher cache)."""
+        return self.sample_params(width, height), self.sample_jitter()
+
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh draws, uint8 views."""
-        params = self.sample_params(image.shape[-1], image.shape[-2])
-        return self.apply(image, params, self.sample_jitter())
+        return self.apply(image, *self.draw(image.shape[-1], image.shape[-2]))
 
 
 class EvalTransform:
